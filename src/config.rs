@@ -1,0 +1,452 @@
+//! Configuration: a TOML file layered with `CLICKAGG_*` environment variables.
+//!
+//! Unknown keys and impossible values are rejected when the process starts, with a
+//! message naming the key, so a typo never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::time::{Finality, Tick};
+
+/// The built-in defaults, identical to `config/default.toml`.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// A configuration problem, always naming the key or variable at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown key, or a value of the wrong type.
+    #[error("invalid config{origin}: {message}")]
+    Parse {
+        /// Where the text came from.
+        origin: String,
+        /// The parser's message, which names the key.
+        message: String,
+    },
+    /// An environment variable could not be parsed.
+    #[error("invalid environment variable {var}={value:?}: {message}")]
+    Env {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// Why it was rejected.
+        message: String,
+    },
+    /// A value is out of range or contradicts another one.
+    #[error("invalid config value {key}: {message}")]
+    Invalid {
+        /// The key, as written in the TOML file.
+        key: &'static str,
+        /// Why it was rejected.
+        message: String,
+    },
+}
+
+/// The whole configuration of a clickagg process.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Directory of the embedded log, the SQLite store and generated secrets.
+    pub data_dir: PathBuf,
+    /// Timely worker threads in this process.
+    pub workers: usize,
+    /// The HTTP server.
+    pub http: HttpConfig,
+    /// Keys and the token secret.
+    pub keys: KeysConfig,
+    /// Ticks, TTL, lateness, correction window and horizon.
+    pub time: TimeConfig,
+    /// Built-in fraud rules.
+    pub fraud: FraudConfig,
+    /// The click log.
+    pub log: LogConfig,
+    /// The result store.
+    pub store: StoreConfig,
+}
+
+/// The HTTP server.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address; port 0 picks a free port (written to `<data_dir>/http.addr`).
+    pub addr: SocketAddr,
+    /// Largest accepted request body in bytes.
+    pub max_body_bytes: usize,
+    /// Take the client IP of `GET /c/{token}` from `X-Forwarded-For` (behind a proxy).
+    pub trust_forwarded_for: bool,
+    /// How long a click request waits for the log before answering 503.
+    #[serde(deserialize_with = "duration")]
+    pub append_timeout: Duration,
+}
+
+/// Keys and the token secret; empty values are generated into the data directory.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    /// The admin key (catalog, verdicts, every advertiser's metrics).
+    pub admin_key: String,
+    /// The ad-server key, which may mint impressions.
+    pub ad_server_key: String,
+    /// The HMAC-SHA256 secret that signs impression tokens.
+    pub token_secret: String,
+}
+
+/// The time parameters of the exactly-once design (see `docs/design-notes.md`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeConfig {
+    /// Record times are rounded up to this before they become timely times.
+    #[serde(deserialize_with = "duration")]
+    pub tick: Duration,
+    /// How long an impression token accepts clicks.
+    #[serde(deserialize_with = "duration")]
+    pub impression_ttl: Duration,
+    /// A click whose record time exceeds its event time by more than this is late.
+    #[serde(deserialize_with = "duration")]
+    pub allowed_lateness: Duration,
+    /// How long after its last possible click a window still takes fraud corrections.
+    #[serde(deserialize_with = "duration")]
+    pub correction_window: Duration,
+    /// How long every click and verdict stays in the dataflow; `auto` = the minimum.
+    #[serde(deserialize_with = "horizon")]
+    pub horizon: Option<Duration>,
+}
+
+/// Built-in fraud rules.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FraudConfig {
+    /// More clicks than this from one IP within one second (of event time) are fraud.
+    pub max_clicks_per_ip_per_second: u64,
+}
+
+/// Which log carries clicks, verdicts and catalog changes.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogKind {
+    /// The embedded SQLite log in the data directory.
+    Embedded,
+    /// Kafka topics (production).
+    Kafka,
+}
+
+/// The click log.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `embedded` or `kafka`.
+    pub kind: LogKind,
+    /// Partitions of the `clicks` topic.
+    pub click_partitions: u32,
+    /// Partitions of the `fraud_verdicts` topic.
+    pub verdict_partitions: u32,
+    /// Kafka bootstrap servers, for `kind = "kafka"`.
+    pub kafka_brokers: String,
+}
+
+/// Which store holds results, progress and the catalog.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// SQLite in the data directory.
+    Sqlite,
+    /// Postgres (production).
+    Postgres,
+}
+
+/// The result store.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite` or `postgres`.
+    pub kind: StoreKind,
+    /// Postgres connection URL, for `kind = "postgres"`.
+    pub postgres_url: String,
+    /// Connections the query API keeps open.
+    pub read_pool_size: u32,
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn horizon<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_horizon(&s).map_err(serde::de::Error::custom)
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.starts_with('-') {
+        return Err(format!("{s:?} is negative; durations must be positive"));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 500ms, 30s or 2h ({e})"))
+}
+
+fn parse_horizon(s: &str) -> Result<Option<Duration>, String> {
+    if s.trim() == "auto" {
+        Ok(None)
+    } else {
+        parse_duration(s).map(Some)
+    }
+}
+
+/// An environment override: the variable and how it changes the config.
+struct EnvOverride {
+    var: &'static str,
+    apply: fn(&mut Config, &str) -> Result<(), String>,
+}
+
+fn parse<T: std::str::FromStr>(s: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    s.trim().parse::<T>().map_err(|e| e.to_string())
+}
+
+/// Every `CLICKAGG_*` variable and the key it overrides.
+const ENV_OVERRIDES: &[EnvOverride] = &[
+    EnvOverride { var: "CLICKAGG_HTTP_ADDR", apply: |c, v| Ok(c.http.addr = parse(v)?) },
+    EnvOverride { var: "CLICKAGG_DATA_DIR", apply: |c, v| Ok(c.data_dir = PathBuf::from(v)) },
+    EnvOverride { var: "CLICKAGG_ADMIN_KEY", apply: |c, v| Ok(c.keys.admin_key = v.to_owned()) },
+    EnvOverride { var: "CLICKAGG_AD_SERVER_KEY", apply: |c, v| Ok(c.keys.ad_server_key = v.to_owned()) },
+    EnvOverride { var: "CLICKAGG_TOKEN_SECRET", apply: |c, v| Ok(c.keys.token_secret = v.to_owned()) },
+    EnvOverride { var: "CLICKAGG_TICK", apply: |c, v| Ok(c.time.tick = parse_duration(v)?) },
+    EnvOverride {
+        var: "CLICKAGG_ALLOWED_LATENESS",
+        apply: |c, v| Ok(c.time.allowed_lateness = parse_duration(v)?),
+    },
+    EnvOverride {
+        var: "CLICKAGG_IMPRESSION_TTL",
+        apply: |c, v| Ok(c.time.impression_ttl = parse_duration(v)?),
+    },
+    EnvOverride {
+        var: "CLICKAGG_CORRECTION_WINDOW",
+        apply: |c, v| Ok(c.time.correction_window = parse_duration(v)?),
+    },
+    EnvOverride { var: "CLICKAGG_HORIZON", apply: |c, v| Ok(c.time.horizon = parse_horizon(v)?) },
+    EnvOverride {
+        var: "CLICKAGG_FRAUD_MAX_CLICKS_PER_IP_PER_SECOND",
+        apply: |c, v| Ok(c.fraud.max_clicks_per_ip_per_second = parse(v)?),
+    },
+    EnvOverride { var: "CLICKAGG_WORKERS", apply: |c, v| Ok(c.workers = parse(v)?) },
+    EnvOverride { var: "CLICKAGG_KAFKA_BROKERS", apply: |c, v| Ok(c.log.kafka_brokers = v.to_owned()) },
+    EnvOverride { var: "CLICKAGG_POSTGRES_URL", apply: |c, v| Ok(c.store.postgres_url = v.to_owned()) },
+];
+
+/// The `CLICKAGG_*` variables that override the config, for docs and `--help`.
+pub fn env_variables() -> impl Iterator<Item = &'static str> {
+    ENV_OVERRIDES.iter().map(|o| o.var)
+}
+
+impl Config {
+    /// The built-in defaults with the environment applied.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, |var| std::env::var(var).ok())
+    }
+
+    /// Loads a file (or the defaults), applies overrides from `env`, and validates.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Self::from_toml(&text, &format!(" in {}", path.display()))?
+            }
+            None => Self::from_toml(DEFAULT_TOML, " (built-in defaults)")?,
+        };
+        for o in ENV_OVERRIDES {
+            if let Some(value) = env(o.var) {
+                (o.apply)(&mut config, &value).map_err(|message| ConfigError::Env {
+                    var: o.var,
+                    value: value.clone(),
+                    message,
+                })?;
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; every key must be present in the file or in the defaults.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        // A file only needs the keys it changes: merge it over the defaults first, so
+        // an unknown key still fails (deny_unknown_fields) while a missing one does not.
+        let parse_err = |e: toml::de::Error| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: e.to_string().trim().to_owned(),
+        };
+        let mut base: toml::Table = toml::from_str(DEFAULT_TOML).map_err(parse_err)?;
+        let file: toml::Table = toml::from_str(text).map_err(parse_err)?;
+        merge(&mut base, file);
+        let text = toml::to_string(&base).map_err(|e| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(parse_err)
+    }
+
+    /// Checks ranges and the relations between the time parameters.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        if self.workers == 0 || self.workers > 256 {
+            return invalid("workers", format!("{} is not between 1 and 256", self.workers));
+        }
+        let t = &self.time;
+        if t.tick < Duration::from_millis(10) || t.tick > Duration::from_secs(10) {
+            return invalid("time.tick", format!("{:?} is not between 10ms and 10s", t.tick));
+        }
+        if t.impression_ttl < t.tick {
+            return invalid("time.impression_ttl", "must be at least one tick".into());
+        }
+        if t.allowed_lateness.is_zero() {
+            return invalid("time.allowed_lateness", "must be positive".into());
+        }
+        if let Some(h) = t.horizon {
+            let min = self.min_horizon();
+            if h < min {
+                return invalid(
+                    "time.horizon",
+                    format!(
+                        "{} is below the minimum {} = 2 x impression_ttl + correction_window + \
+                         longest view window (1h) + 2 ticks; use \"auto\" or raise it",
+                        humantime::format_duration(h),
+                        humantime::format_duration(min)
+                    ),
+                );
+            }
+        }
+        if self.fraud.max_clicks_per_ip_per_second == 0 {
+            return invalid("fraud.max_clicks_per_ip_per_second", "must be at least 1".into());
+        }
+        if self.log.click_partitions == 0 || self.log.click_partitions > 1024 {
+            return invalid("log.click_partitions", "must be between 1 and 1024".into());
+        }
+        if self.log.verdict_partitions == 0 || self.log.verdict_partitions > 1024 {
+            return invalid("log.verdict_partitions", "must be between 1 and 1024".into());
+        }
+        if self.http.max_body_bytes < 1024 {
+            return invalid("http.max_body_bytes", "must be at least 1024".into());
+        }
+        if self.store.read_pool_size == 0 {
+            return invalid("store.read_pool_size", "must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The tick.
+    pub fn tick(&self) -> Tick {
+        Tick::new(self.time.tick)
+    }
+
+    /// The smallest horizon that keeps dedup exact and windows stable (see `docs/design-notes.md`).
+    pub fn min_horizon(&self) -> Duration {
+        let t = &self.time;
+        2 * t.impression_ttl
+            + t.correction_window
+            + Duration::from_millis(crate::views::longest_window_ms())
+            + 2 * t.tick
+    }
+
+    /// The horizon in ms, a whole number of ticks.
+    pub fn horizon_ms(&self) -> u64 {
+        let h = self.time.horizon.unwrap_or_else(|| self.min_horizon());
+        self.tick().round_up(h)
+    }
+
+    /// When windows become final.
+    pub fn finality(&self) -> Finality {
+        Finality {
+            ttl_ms: self.time.impression_ttl.as_millis() as u64,
+            correction_ms: self.time.correction_window.as_millis() as u64,
+        }
+    }
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().map_err(|source| ConfigError::Read {
+            path: PathBuf::from("tmp"),
+            source,
+        })?;
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::load_with_env(Some(&path), move |var| {
+            env.iter().find(|(k, _)| k == var).map(|(_, v)| v.clone())
+        })
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load_with_env(None, |_| None).expect("defaults load");
+        assert_eq!(c.log.kind, LogKind::Embedded);
+        assert!(c.horizon_ms() >= c.min_horizon().as_millis() as u64);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = load("[time]\ntick_ms = 5\n", &[]).expect_err("unknown key");
+        assert!(err.to_string().contains("tick_ms"), "{err}");
+    }
+
+    #[test]
+    fn negative_duration_is_named() {
+        let err = load("[time]\nhorizon = \"-5m\"\n", &[]).expect_err("negative");
+        let msg = err.to_string();
+        assert!(msg.contains("horizon") && msg.contains("negative"), "{msg}");
+    }
+
+    #[test]
+    fn short_horizon_is_rejected_with_the_minimum() {
+        let err = load("[time]\nhorizon = \"5m\"\n", &[]).expect_err("too short");
+        assert!(err.to_string().contains("time.horizon"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_file_and_names_bad_values() {
+        let c = load(
+            "workers = 3\n",
+            &[("CLICKAGG_WORKERS", "2"), ("CLICKAGG_ALLOWED_LATENESS", "45s")],
+        )
+        .expect("loads");
+        assert_eq!(c.workers, 2);
+        assert_eq!(c.time.allowed_lateness, Duration::from_secs(45));
+        let err = load("", &[("CLICKAGG_HTTP_ADDR", "nowhere")]).expect_err("bad addr");
+        assert!(err.to_string().contains("CLICKAGG_HTTP_ADDR"), "{err}");
+    }
+}

@@ -1,0 +1,152 @@
+//! The core of the pipeline: deduplicate clicks by impression, set late clicks aside, and
+//! subtract fraud. Every view reads its output, [`ClassifiedClick`].
+//!
+//! Semantics (the test oracles implement the same rules independently):
+//! - a click is *on time* when `record time - event time <= allowed lateness`;
+//! - each impression with an on-time click counts once: its earliest on-time click by
+//!   `(event time, click id)`; every other click of it is a duplicate, in any window;
+//! - an impression whose clicks are all late counts once as a late click (its earliest);
+//! - a counted click is fraud when a verdict names its impression, or when more than N
+//!   counted clicks share its IP and its second of event time; otherwise it is billable.
+
+use std::net::IpAddr;
+
+use differential_dataflow::VecCollection;
+use differential_dataflow::operators::ThresholdTotal;
+use serde::{Deserialize, Serialize};
+
+use crate::record::{AdRecord, ClickEvent};
+use crate::time::{Millis, Time};
+use crate::views::{ClassifiedClick, ClickClass};
+
+/// A click as the dataflow sees it: decoded, with its event time clamped.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Click {
+    /// The impression (dedup key).
+    pub impression_id: u128,
+    /// The ad.
+    pub ad_id: u64,
+    /// Event time, clamped into `[record time - TTL, record time]`.
+    pub event_time_ms: Millis,
+    /// Record time.
+    pub record_time_ms: Millis,
+    /// The click id.
+    pub click_id: String,
+    /// The user.
+    pub user_id: String,
+    /// The client IP.
+    pub ip: IpAddr,
+    /// The price at click time.
+    pub cpc_micros: u64,
+}
+
+impl Click {
+    /// The click of a log record. Event times in the future are clamped to the record
+    /// time; event times older than an impression's lifetime are clamped to
+    /// `record time - TTL`, which bounds how late a click can land in a window.
+    pub fn from_event(e: ClickEvent, record_time_ms: Millis, ttl_ms: u64) -> Click {
+        let earliest = record_time_ms.saturating_sub(ttl_ms);
+        Click {
+            impression_id: e.impression_id,
+            ad_id: e.ad_id,
+            event_time_ms: e.event_time_ms.clamp(earliest, record_time_ms),
+            record_time_ms,
+            click_id: e.click_id,
+            user_id: e.user_id,
+            ip: e.ip,
+            cpc_micros: e.cpc_micros,
+        }
+    }
+
+    /// Whether it arrived within the allowed lateness.
+    pub fn on_time(&self, lateness_ms: u64) -> bool {
+        self.record_time_ms - self.event_time_ms <= lateness_ms
+    }
+
+    fn classified(self, class: ClickClass) -> ClassifiedClick {
+        ClassifiedClick {
+            impression_id: self.impression_id,
+            ad_id: self.ad_id,
+            event_time_ms: self.event_time_ms,
+            record_time_ms: self.record_time_ms,
+            click_id: self.click_id,
+            user_id: self.user_id,
+            ip: self.ip,
+            cpc_micros: self.cpc_micros,
+            class,
+        }
+    }
+}
+
+/// The parameters of the classification.
+#[derive(Clone, Copy, Debug)]
+pub struct Rules {
+    /// Allowed lateness in ms.
+    pub lateness_ms: u64,
+    /// More counted clicks than this from one IP in one second are fraud.
+    pub max_clicks_per_ip_per_second: u64,
+}
+
+/// One classified click per impression that has clicks.
+pub fn classify<'s>(
+    clicks: VecCollection<'s, Time, Click>,
+    verdicts: VecCollection<'s, Time, u128>,
+    rules: Rules,
+) -> VecCollection<'s, Time, ClassifiedClick> {
+    let firsts = first_clicks(clicks, rules.lateness_ms);
+    let on_time = firsts.clone().filter(|(_, (on_time, _))| *on_time).map(|(imp, (_, c))| (imp, c));
+    let late = firsts.filter(|(_, (on_time, _))| !*on_time).map(|(_, (_, c))| c.classified(ClickClass::Late));
+
+    let flagged = verdicts
+        .concat(ip_bursts(on_time.clone(), rules.max_clicks_per_ip_per_second))
+        .distinct_total();
+    let fraud = on_time.clone().semijoin(flagged.clone()).map(|(_, c)| c.classified(ClickClass::Fraud));
+    let billable = on_time.antijoin(flagged).map(|(_, c)| c.classified(ClickClass::Billable));
+
+    billable.concat(fraud).concat(late)
+}
+
+/// Per impression, the click that counts, and whether it was on time.
+fn first_clicks<'s>(
+    clicks: VecCollection<'s, Time, Click>,
+    lateness_ms: u64,
+) -> VecCollection<'s, Time, (u128, (bool, Click))> {
+    clicks.map(|c| (c.impression_id, c)).reduce(move |_imp, copies, out| {
+        let earliest = |on_time_only: bool| {
+            copies
+                .iter()
+                .map(|(c, _)| *c)
+                .filter(|c| !on_time_only || c.on_time(lateness_ms))
+                .min_by(|a, b| (a.event_time_ms, &a.click_id).cmp(&(b.event_time_ms, &b.click_id)))
+        };
+        if let Some(c) = earliest(true) {
+            out.push(((true, c.clone()), 1));
+        } else if let Some(c) = earliest(false) {
+            out.push(((false, c.clone()), 1));
+        }
+    })
+}
+
+/// Impressions whose counted click shares its IP and second with more than `max` others'.
+fn ip_bursts<'s>(on_time: VecCollection<'s, Time, (u128, Click)>, max: u64) -> VecCollection<'s, Time, u128> {
+    on_time
+        .map(|(imp, c)| ((c.ip, c.event_time_ms / 1000), imp))
+        .reduce(move |_ip_second, imps, out: &mut Vec<(u128, isize)>| {
+            let n: isize = imps.iter().map(|(_, r)| *r).sum();
+            if n > max as isize {
+                out.extend(imps.iter().map(|(imp, _)| (**imp, 1)));
+            }
+        })
+        .map(|(_, imp)| imp)
+}
+
+/// The catalog: the latest record of each ad (by log offset).
+pub fn latest_ads<'s>(records: VecCollection<'s, Time, (u64, AdRecord)>) -> VecCollection<'s, Time, (u64, AdRecord)> {
+    records
+        .map(|(offset, r)| (r.ad_id, (offset, r)))
+        .reduce(|_ad, versions, out| {
+            if let Some(((_, latest), _)) = versions.iter().max_by_key(|((offset, _), _)| *offset) {
+                out.push((latest.clone(), 1));
+            }
+        })
+}

@@ -1,0 +1,215 @@
+//! The dataflow: log source -> classify -> views -> click sink, on timely workers.
+
+pub mod classify;
+pub mod sink;
+pub mod source;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use differential_dataflow::VecCollection;
+use timely::communication::WorkerGuards;
+
+use self::classify::{Rules, classify, latest_ads};
+use self::sink::{Handoff, SinkRecord, SinkSpec, SinkStatus, click_sink, spawn_writer};
+use self::source::{SourceEvent, SourceSpec, log_source};
+use crate::log::{Log, LogPosition, all_partitions};
+use crate::metrics::Metrics;
+use crate::record::{PartitionId, Topic};
+use crate::store::{RecoveryPoint, Store};
+use crate::time::{Finality, Tick, Time};
+use crate::views::{ViewDef, ViewInputs};
+
+/// The inputs every view reads, built from the source's events.
+pub fn view_inputs<'s>(events: VecCollection<'s, Time, SourceEvent>, rules: Rules) -> ViewInputs<'s> {
+    let clicks = events.clone().flat_map(|e| match e {
+        SourceEvent::Click(c) => Some(c),
+        _ => None,
+    });
+    let verdicts = events.clone().flat_map(|e| match e {
+        SourceEvent::Verdict(imp) => Some(imp),
+        _ => None,
+    });
+    let ads = events.flat_map(|e| match e {
+        SourceEvent::Ad(offset, record) => Some((offset, record)),
+        _ => None,
+    });
+    ViewInputs {
+        classified: classify(clicks, verdicts, rules),
+        ads: latest_ads(ads),
+    }
+}
+
+/// Every view's rows, tagged with the view's index, as one collection for the sink.
+pub fn view_records<'s>(inputs: &ViewInputs<'s>, views: &'static [ViewDef]) -> VecCollection<'s, Time, SinkRecord> {
+    let scope = inputs.classified.scope();
+    let each = views.iter().enumerate().map(|(i, view)| {
+        (view.build)(inputs).map(move |(key, value)| SinkRecord::Row {
+            view: i as u16,
+            key,
+            value,
+        })
+    });
+    differential_dataflow::collection::concatenate(scope, each)
+}
+
+/// The source's position markers, for the sink.
+fn position_records<'s>(events: VecCollection<'s, Time, SourceEvent>) -> VecCollection<'s, Time, SinkRecord> {
+    events.flat_map(|e| match e {
+        SourceEvent::Position(p, pos) => Some(SinkRecord::Position(p, pos)),
+        _ => None,
+    })
+}
+
+/// How to run the dataflow.
+#[derive(Clone, Debug)]
+pub struct EngineSpec {
+    /// Worker threads.
+    pub workers: usize,
+    /// The tick.
+    pub tick: Tick,
+    /// The horizon in ms (a whole number of ticks).
+    pub horizon_ms: u64,
+    /// The impression TTL in ms.
+    pub ttl_ms: u64,
+    /// Classification rules.
+    pub rules: Rules,
+    /// When windows become final.
+    pub finality: Finality,
+    /// Where to resume.
+    pub recovery: RecoveryPoint,
+    /// Commits without row changes at most this often.
+    pub idle_commit_interval: Duration,
+}
+
+/// The running dataflow and its sink writer.
+pub struct Engine {
+    guards: Option<WorkerGuards<()>>,
+    shutdown: Arc<AtomicBool>,
+    handoff: Arc<Handoff>,
+    writer: Option<JoinHandle<()>>,
+    /// What the sink has committed.
+    pub status: Arc<SinkStatus>,
+}
+
+/// The engine could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start the dataflow: {0}")]
+pub struct EngineError(String);
+
+/// Where each partition starts: catalog changes from the beginning (they never expire),
+/// clicks and verdicts from the recovery point's replay positions.
+pub fn start_positions(log: &dyn Log, recovery: &RecoveryPoint) -> Vec<(PartitionId, LogPosition)> {
+    all_partitions(log)
+        .into_iter()
+        .map(|p| {
+            let pos = match p.topic {
+                Topic::Ads => LogPosition::default(),
+                _ => recovery.replay_from.get(&p).copied().unwrap_or_default(),
+            };
+            (p, pos)
+        })
+        .collect()
+}
+
+impl Engine {
+    /// Starts the workers and the sink writer.
+    pub fn start(
+        log: Arc<dyn Log>,
+        store: Arc<dyn Store>,
+        spec: EngineSpec,
+        metrics: Arc<Metrics>,
+    ) -> Result<Engine, EngineError> {
+        let views = crate::views::registry();
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let handoff = Arc::new(Handoff::default());
+        let status = Arc::new(SinkStatus::new(spec.recovery.as_of));
+        let writer = spawn_writer(store, Arc::clone(&handoff), Arc::clone(&status), Arc::clone(&metrics))
+            .map_err(|e| EngineError(format!("sink writer thread: {e}")))?;
+
+        let starts = start_positions(&*log, &spec.recovery);
+        tracing::info!(
+            as_of = spec.recovery.as_of,
+            partitions = starts.len(),
+            replay_from = ?spec.recovery.replay_from,
+            workers = spec.workers,
+            "starting dataflow"
+        );
+        let sink_spec = SinkSpec {
+            handoff: Arc::clone(&handoff),
+            as_of: spec.recovery.as_of,
+            positions: spec.recovery.committed.clone(),
+            finality: spec.finality,
+            views,
+            idle_commit_interval: spec.idle_commit_interval,
+        };
+        let stop = Arc::clone(&shutdown);
+        let guards = timely::execute(timely::Config::process(spec.workers), move |worker| {
+            let (index, peers) = (worker.index(), worker.peers());
+            let mine: Vec<(PartitionId, LogPosition)> = starts
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % peers == index)
+                .map(|(_, p)| *p)
+                .collect();
+            let source_spec = SourceSpec {
+                log: Arc::clone(&log),
+                partitions: mine,
+                tick: spec.tick,
+                horizon_ms: spec.horizon_ms,
+                ttl_ms: spec.ttl_ms,
+                shutdown: Arc::clone(&stop),
+                metrics: Arc::clone(&metrics),
+            };
+            let sink_spec = sink_spec.clone();
+            let rules = spec.rules;
+            worker.dataflow::<Time, _, _>(move |scope| {
+                let events = log_source(scope, source_spec);
+                let inputs = view_inputs(events.clone(), rules);
+                let records = view_records(&inputs, views).concat(position_records(events));
+                click_sink(records, sink_spec);
+            });
+            while !stop.load(Ordering::Acquire) {
+                worker.step_or_park(Some(Duration::from_millis(100)));
+            }
+        })
+        .map_err(EngineError)?;
+        Ok(Engine {
+            guards: Some(guards),
+            shutdown,
+            handoff,
+            writer: Some(writer),
+            status,
+        })
+    }
+
+    /// Stops the workers, then lets the writer finish what it holds.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shutdown.store(true, Ordering::Release);
+        if let Some(guards) = self.guards.take() {
+            for r in guards.join() {
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "dataflow worker failed");
+                }
+            }
+        }
+        self.handoff.close();
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            tracing::error!("sink writer panicked");
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,306 @@
+//! The click sink: commits view changes and log positions together, once per frontier
+//! advance, through one writer.
+//!
+//! All view rows and position markers are exchanged to worker 0, whose `ClickSink`
+//! operator sees the global frontier. When it passes `upper`, every change at a time
+//! before `upper` is final; the operator consolidates them into absolute values per key
+//! and hands one [`ChangeBatch`] to the writer thread, which commits it with the
+//! positions in ONE store transaction. The operator never blocks: while the writer is
+//! busy (or the store is down), later batches fold into the one waiting, so the backlog
+//! is bounded by the number of distinct keys, and the committed frontier holds.
+//!
+//! Recovery: the operator stays silent below the committed frontier `as_of`, and rows of
+//! windows that are final at an update's time are not stored (those updates are expiry
+//! retractions of the horizon, or corrections too late to take).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use differential_dataflow::VecCollection;
+use parking_lot::{Condvar, Mutex};
+use serde::{Deserialize, Serialize};
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::Operator;
+
+use crate::log::LogPosition;
+use crate::metrics::Metrics;
+use crate::record::PartitionId;
+use crate::store::{ChangeBatch, Store, ViewChanges};
+use crate::time::{Finality, Time};
+use crate::views::{Row, ViewDef};
+
+/// What flows into the sink.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum SinkRecord {
+    /// A row of the view with this index in the registry.
+    Row {
+        /// Index of the view.
+        view: u16,
+        /// Key columns.
+        key: Row,
+        /// Value columns.
+        value: Row,
+    },
+    /// A source position (see `SourceEvent::Position`).
+    Position(PartitionId, LogPosition),
+}
+
+/// The slot between the sink operator and the writer thread.
+#[derive(Default)]
+pub struct Handoff {
+    state: Mutex<(Option<ChangeBatch>, bool)>,
+    ready: Condvar,
+}
+
+impl Handoff {
+    /// Offers a batch; folds it into one the writer has not taken yet.
+    pub fn offer(&self, batch: ChangeBatch) {
+        let mut state = self.state.lock();
+        match &mut state.0 {
+            Some(waiting) => waiting.absorb(batch),
+            slot @ None => *slot = Some(batch),
+        }
+        self.ready.notify_one();
+    }
+
+    /// No more batches will come.
+    pub fn close(&self) {
+        self.state.lock().1 = true;
+        self.ready.notify_all();
+    }
+
+    /// Waits for a batch; `None` once closed and drained.
+    pub fn take(&self) -> Option<ChangeBatch> {
+        let mut state = self.state.lock();
+        loop {
+            if let Some(batch) = state.0.take() {
+                return Some(batch);
+            }
+            if state.1 {
+                return None;
+            }
+            self.ready.wait(&mut state);
+        }
+    }
+
+    /// A batch if one is waiting.
+    pub fn try_take(&self) -> Option<ChangeBatch> {
+        self.state.lock().0.take()
+    }
+}
+
+/// What the sink has committed, for readiness and metrics.
+#[derive(Debug, Default)]
+pub struct SinkStatus {
+    committed: AtomicU64,
+    any_commit: AtomicBool,
+    recovery_target: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl SinkStatus {
+    /// A status that must reach `as_of` before recovery counts as finished.
+    pub fn new(as_of: Time) -> SinkStatus {
+        let status = SinkStatus::default();
+        status.recovery_target.store(as_of, Ordering::Release);
+        status.committed.store(as_of, Ordering::Release);
+        status
+    }
+
+    /// The committed frontier as of the last successful commit (or the recovered one).
+    pub fn committed(&self) -> Time {
+        self.committed.load(Ordering::Acquire)
+    }
+
+    /// Whether the sink has committed beyond the recovered frontier: recovery is over.
+    pub fn recovered(&self) -> bool {
+        self.any_commit.load(Ordering::Acquire)
+            && self.committed.load(Ordering::Acquire) > self.recovery_target.load(Ordering::Acquire)
+    }
+
+    /// The last commit error, until the next success.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().clone()
+    }
+}
+
+/// What the sink operator needs.
+#[derive(Clone)]
+pub struct SinkSpec {
+    /// Hand-off to the writer thread.
+    pub handoff: Arc<Handoff>,
+    /// The committed frontier to stay silent below.
+    pub as_of: Time,
+    /// Positions committed with `as_of`.
+    pub positions: BTreeMap<PartitionId, LogPosition>,
+    /// When windows become final.
+    pub finality: Finality,
+    /// The view registry.
+    pub views: &'static [ViewDef],
+    /// Batches without row changes are committed at most this often.
+    pub idle_commit_interval: Duration,
+}
+
+/// Installs the sink on worker 0 for `records`.
+pub fn click_sink(records: VecCollection<'_, Time, SinkRecord>, spec: SinkSpec) {
+    let SinkSpec {
+        handoff,
+        as_of,
+        mut positions,
+        finality,
+        views,
+        idle_commit_interval,
+    } = spec;
+    let mut pending: Vec<(SinkRecord, Time, isize)> = Vec::new();
+    let mut last_upper = as_of;
+    let mut last_offer = Instant::now();
+    let to_worker_zero = Exchange::new(|_: &(SinkRecord, Time, isize)| 0u64);
+    records.inner.sink(to_worker_zero, "ClickSink", move |(input, frontier)| {
+        input.for_each(|_, data| pending.append(data));
+        // An empty frontier means the dataflow is shutting down: what is in flight will
+        // be replayed on restart, so nothing is committed for it.
+        let Some(&upper) = frontier.frontier().as_option() else { return };
+        if upper <= last_upper {
+            return;
+        }
+        let (ready, later): (Vec<_>, Vec<_>) = pending.drain(..).partition(|(_, t, _)| *t < upper);
+        pending = later;
+
+        let mut rows: HashMap<(u16, Row), Vec<(Row, isize)>> = HashMap::new();
+        for (record, time, diff) in ready {
+            if time < as_of {
+                continue;
+            }
+            match record {
+                SinkRecord::Position(p, pos) => {
+                    let e = positions.entry(p).or_insert(pos);
+                    if pos.offset >= e.offset {
+                        *e = pos;
+                    }
+                }
+                SinkRecord::Row { view, key, value } => {
+                    let Some(def) = views.get(view as usize) else { continue };
+                    let final_at = def
+                        .window_start(&key)
+                        .map(|w| finality.final_at(w, def.window.length_ms))
+                        .unwrap_or(Time::MAX);
+                    if time >= final_at {
+                        continue;
+                    }
+                    rows.entry((view, key)).or_default().push((value, diff));
+                }
+            }
+        }
+        last_upper = upper;
+
+        let mut changes: Vec<ViewChanges> = vec![ViewChanges::new(); views.len()];
+        for ((view, key), updates) in rows {
+            if let Some(change) = absolute_value(views[view as usize].name, &key, updates) {
+                changes[view as usize].insert(key, change);
+            }
+        }
+        let changed = changes.iter().any(|c| !c.is_empty());
+        if changed || last_offer.elapsed() >= idle_commit_interval {
+            last_offer = Instant::now();
+            handoff.offer(ChangeBatch {
+                upper,
+                views: changes,
+                positions: positions.clone(),
+            });
+        }
+    });
+}
+
+/// The new absolute value of a key from its consolidated updates: the value left with a
+/// positive count, `None` to delete, or nothing to do when the updates cancel out.
+fn absolute_value(view: &str, key: &Row, mut updates: Vec<(Row, isize)>) -> Option<Option<Row>> {
+    differential_dataflow::consolidation::consolidate(&mut updates);
+    let mut present = updates.iter().filter(|(_, d)| *d > 0);
+    match (present.next(), present.next()) {
+        (None, _) if updates.is_empty() => None,
+        (None, _) => Some(None),
+        (Some((value, 1)), None) => Some(Some(value.clone())),
+        (Some(first), _) => {
+            // A view must hold at most one value per key; keep the stored row sane and loud.
+            tracing::error!(view, ?key, updates = ?updates, "view produced several values for one key");
+            Some(Some(first.0.clone()))
+        }
+    }
+}
+
+/// Starts the writer thread that commits what the sink operator hands off.
+pub fn spawn_writer(
+    store: Arc<dyn Store>,
+    handoff: Arc<Handoff>,
+    status: Arc<SinkStatus>,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("sink-writer".into()).spawn(move || {
+        while let Some(mut batch) = handoff.take() {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let started = Instant::now();
+                match store.commit(&batch) {
+                    Ok(()) => {
+                        metrics.sink_commits.inc();
+                        metrics.sink_rows.inc_by(batch.rows() as u64);
+                        metrics.sink_commit_seconds.observe(started.elapsed().as_secs_f64());
+                        metrics.committed_frontier_ms.set(batch.upper as i64);
+                        status.committed.store(batch.upper, Ordering::Release);
+                        status.any_commit.store(true, Ordering::Release);
+                        *status.last_error.lock() = None;
+                        tracing::debug!(upper = batch.upper, rows = batch.rows(), "committed");
+                        break;
+                    }
+                    Err(e) => {
+                        metrics.sink_commit_errors.inc();
+                        tracing::warn!(error = %e, upper = batch.upper, retry_in = ?backoff, "sink commit failed; frontier held");
+                        *status.last_error.lock() = Some(e.to_string());
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        if let Some(later) = handoff.try_take() {
+                            batch.absorb(later);
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::views::Datum;
+
+    #[test]
+    fn absolute_values_follow_the_positive_update() {
+        let k = vec![Datum::Id(1)];
+        let v = |n| vec![Datum::Int(n)];
+        assert_eq!(absolute_value("t", &k, vec![(v(1), -1), (v(2), 1)]), Some(Some(v(2))));
+        assert_eq!(absolute_value("t", &k, vec![(v(1), -1)]), Some(None));
+        assert_eq!(absolute_value("t", &k, vec![(v(1), -1), (v(1), 1)]), None);
+        assert_eq!(
+            absolute_value("t", &k, vec![(v(1), 1), (v(1), -1), (v(2), 1), (v(2), -1), (v(3), 1)]),
+            Some(Some(v(3)))
+        );
+    }
+
+    #[test]
+    fn handoff_folds_batches_the_writer_has_not_taken() {
+        let h = Handoff::default();
+        h.offer(ChangeBatch {
+            upper: 1,
+            ..Default::default()
+        });
+        h.offer(ChangeBatch {
+            upper: 2,
+            ..Default::default()
+        });
+        assert_eq!(h.try_take().map(|b| b.upper), Some(2));
+        h.close();
+        assert!(h.take().is_none());
+    }
+}

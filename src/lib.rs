@@ -1,0 +1,18 @@
+//! clickagg: exactly-once ad-click aggregation on timely and differential dataflow.
+//!
+//! The data path: trackers append clicks to the [`log`]; the [`dataflow`] reads the log,
+//! deduplicates, classifies and aggregates clicks into [`views`], and its sink commits
+//! view changes with log positions into the [`store`] in one transaction; the [`server`]
+//! answers advertisers from the store.
+
+pub mod config;
+#[path = "../dataflows/mod.rs"]
+pub mod dataflows;
+pub mod dataflow;
+pub mod log;
+pub mod metrics;
+pub mod record;
+pub mod store;
+pub mod time;
+pub mod token;
+pub mod views;

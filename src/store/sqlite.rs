@@ -1,0 +1,823 @@
+//! The embedded store: SQLite in WAL mode. One writer connection (the sink and catalog
+//! writes take turns), a pool of readers for the query API.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::types::{Value, ValueRef};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
+
+use super::{
+    Ad, ChangeBatch, LateClick, Measures, MetricScope, RecoveryPoint, Store, StoreError, Upserted, ViewChanges,
+    decompose,
+};
+use crate::dataflows::{ad_clicks, late_clicks};
+use crate::log::LogPosition;
+use crate::record::PartitionId;
+use crate::time::{Granularity, Millis, Time, now_ms};
+use crate::views::{ColumnType, Datum, Row, ViewDef};
+
+mod embedded {
+    refinery::embed_migrations!("src/store/migrations/sqlite");
+}
+
+/// Options of the SQLite store.
+#[derive(Clone, Copy, Debug)]
+pub struct SqliteOptions {
+    /// Connections kept for queries.
+    pub read_pool_size: u32,
+    /// Progress rows older than the last one at or before `upper - this` are pruned.
+    pub progress_retention_ms: u64,
+}
+
+/// SQL of one view, derived from its columns once at start.
+struct ViewSql {
+    select_value: String,
+    upsert: String,
+    delete: String,
+    rollup_upsert: Option<String>,
+}
+
+/// The SQLite store.
+pub struct SqliteStore {
+    writer: Mutex<Connection>,
+    readers: r2d2::Pool<SqliteConnectionManager>,
+    views: &'static [ViewDef],
+    sql: Vec<ViewSql>,
+    progress_retention_ms: u64,
+}
+
+fn unavailable(what: &str) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+    move |e| StoreError::Unavailable(format!("{what}: {e}"))
+}
+
+fn sql_type(ty: ColumnType) -> &'static str {
+    match ty {
+        ColumnType::Text => "TEXT",
+        ColumnType::Id | ColumnType::Int | ColumnType::Time => "INTEGER",
+    }
+}
+
+fn to_value(d: &Datum) -> Value {
+    match d {
+        Datum::Text(s) => Value::Text(s.clone()),
+        other => Value::Integer(other.as_i64().unwrap_or_default()),
+    }
+}
+
+fn from_value(ty: ColumnType, v: ValueRef<'_>) -> Result<Datum, rusqlite::Error> {
+    let int = || v.as_i64().map_err(rusqlite::Error::from);
+    Ok(match ty {
+        ColumnType::Id => Datum::Id(int()? as u64),
+        ColumnType::Int => Datum::Int(int()?),
+        ColumnType::Time => Datum::Time(int()? as u64),
+        ColumnType::Text => Datum::Text(v.as_str().map_err(rusqlite::Error::from)?.to_owned()),
+    })
+}
+
+fn view_sql(view: &ViewDef) -> ViewSql {
+    let table = view.table();
+    let key_cols: Vec<&str> = view.key.iter().map(|c| c.name).collect();
+    let value_cols: Vec<&str> = view.value.iter().map(|c| c.name).collect();
+    let key_match = key_cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{c} = ?{}", i + 1))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let all: Vec<&str> = key_cols.iter().chain(&value_cols).copied().collect();
+    let placeholders = (1..=all.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+    let updates = if value_cols.is_empty() {
+        "NOTHING".to_owned()
+    } else {
+        format!(
+            "UPDATE SET {}",
+            value_cols.iter().map(|c| format!("{c} = excluded.{c}")).collect::<Vec<_>>().join(", ")
+        )
+    };
+    let rollup_upsert = view.rollup.map(|r| {
+        let measures = r.measures.join(", ");
+        let placeholders = (1..=4 + r.measures.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+        let sums = r.measures.iter().map(|m| format!("{m} = {m} + excluded.{m}")).collect::<Vec<_>>().join(", ");
+        format!(
+            "INSERT INTO {} (scope, scope_id, granularity, window_start, {measures}) VALUES ({placeholders})
+             ON CONFLICT (scope, scope_id, granularity, window_start) DO UPDATE SET {sums}",
+            view.rollup_table()
+        )
+    });
+    ViewSql {
+        select_value: format!(
+            "SELECT {} FROM {table} WHERE {key_match}",
+            if value_cols.is_empty() { "1".to_owned() } else { value_cols.join(", ") }
+        ),
+        upsert: format!(
+            "INSERT INTO {table} ({}) VALUES ({placeholders}) ON CONFLICT ({}) DO {updates}",
+            all.join(", "),
+            key_cols.join(", ")
+        ),
+        delete: format!("DELETE FROM {table} WHERE {key_match}"),
+        rollup_upsert,
+    }
+}
+
+/// Creates a view's tables if missing, and refuses to run against a table whose
+/// columns differ from the view's declaration.
+fn ensure_view_tables(conn: &Connection, view: &ViewDef) -> Result<(), StoreError> {
+    let table = view.table();
+    let cols: Vec<String> = view
+        .key
+        .iter()
+        .chain(view.value)
+        .map(|c| format!("{} {} NOT NULL", c.name, sql_type(c.ty)))
+        .collect();
+    let keys: Vec<&str> = view.key.iter().map(|c| c.name).collect();
+    conn.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS {table} ({}, PRIMARY KEY ({})) WITHOUT ROWID;",
+        cols.join(", "),
+        keys.join(", ")
+    ))
+    .map_err(unavailable("create view table"))?;
+
+    let mut stmt = conn
+        .prepare(&format!("SELECT name FROM pragma_table_info('{table}') ORDER BY cid"))
+        .map_err(unavailable("inspect view table"))?;
+    let have: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .and_then(|rows| rows.collect())
+        .map_err(unavailable("inspect view table"))?;
+    let want: Vec<&str> = view.key.iter().chain(view.value).map(|c| c.name).collect();
+    if have != want {
+        return Err(StoreError::Inconsistent(format!(
+            "table {table} has columns {have:?} but view {} declares {want:?}; \
+             a changed view needs a new name or a migration of its table",
+            view.name
+        )));
+    }
+
+    if let Some(r) = &view.rollup {
+        let measures: Vec<String> = r.measures.iter().map(|m| format!("{m} INTEGER NOT NULL")).collect();
+        conn.execute_batch(&format!(
+            "CREATE TABLE IF NOT EXISTS {} (scope TEXT NOT NULL, scope_id INTEGER NOT NULL,
+             granularity TEXT NOT NULL, window_start INTEGER NOT NULL, {},
+             PRIMARY KEY (scope, scope_id, granularity, window_start)) WITHOUT ROWID;",
+            view.rollup_table(),
+            measures.join(", ")
+        ))
+        .map_err(unavailable("create rollup table"))?;
+    }
+    Ok(())
+}
+
+fn open_writer(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(unavailable("open store"))?;
+    conn.busy_timeout(Duration::from_secs(10)).map_err(unavailable("busy timeout"))?;
+    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+        .map_err(unavailable("store pragmas"))?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the store at `path`, migrates it and derives the view tables.
+    pub fn open(path: &Path, views: &'static [ViewDef], options: SqliteOptions) -> Result<SqliteStore, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Unavailable(format!("create {}: {e}", dir.display())))?;
+        }
+        let mut conn = open_writer(path)?;
+        embedded::migrations::runner()
+            .run(&mut conn)
+            .map_err(|e| StoreError::Unavailable(format!("migrate store: {e}")))?;
+        for view in views {
+            view.validate().map_err(StoreError::Inconsistent)?;
+            ensure_view_tables(&conn, view)?;
+        }
+        let manager = SqliteConnectionManager::file(path)
+            .with_flags(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .with_init(|c| c.busy_timeout(Duration::from_secs(5)));
+        let readers = r2d2::Pool::builder()
+            .max_size(options.read_pool_size)
+            .connection_timeout(Duration::from_secs(5))
+            .build(manager)
+            .map_err(|e| StoreError::Unavailable(format!("open store readers: {e}")))?;
+        Ok(SqliteStore {
+            writer: Mutex::new(conn),
+            readers,
+            views,
+            sql: views.iter().map(view_sql).collect(),
+            progress_retention_ms: options.progress_retention_ms,
+        })
+    }
+
+    fn reader(&self) -> Result<r2d2::PooledConnection<SqliteConnectionManager>, StoreError> {
+        self.readers
+            .get()
+            .map_err(|e| StoreError::Unavailable(format!("store connection: {e}")))
+    }
+
+    fn apply_view(tx: &Transaction<'_>, view: &ViewDef, sql: &ViewSql, changes: &ViewChanges) -> rusqlite::Result<()> {
+        let mut deltas: HashMap<(usize, u64, Granularity, Millis), Vec<i64>> = HashMap::new();
+        let mut select = tx.prepare_cached(&sql.select_value)?;
+        let mut upsert = tx.prepare_cached(&sql.upsert)?;
+        let mut delete = tx.prepare_cached(&sql.delete)?;
+        for (key, new) in changes {
+            let key_values: Vec<Value> = key.iter().map(to_value).collect();
+            if view.rollup.is_some() {
+                let old: Option<Row> = select
+                    .query_row(rusqlite::params_from_iter(&key_values), |r| {
+                        view.value
+                            .iter()
+                            .enumerate()
+                            .map(|(i, c)| from_value(c.ty, r.get_ref(i)?))
+                            .collect()
+                    })
+                    .optional()?;
+                rollup_deltas(view, key, old.as_ref(), -1, &mut deltas);
+                rollup_deltas(view, key, new.as_ref(), 1, &mut deltas);
+            }
+            match new {
+                Some(value) => {
+                    let all: Vec<Value> = key_values.into_iter().chain(value.iter().map(to_value)).collect();
+                    upsert.execute(rusqlite::params_from_iter(all))?;
+                }
+                None => {
+                    delete.execute(rusqlite::params_from_iter(key_values))?;
+                }
+            }
+        }
+        if let (Some(r), Some(stmt)) = (&view.rollup, &sql.rollup_upsert) {
+            let mut rollup = tx.prepare_cached(stmt)?;
+            for ((scope, id, g, window), d) in deltas {
+                if d.iter().all(|x| *x == 0) {
+                    continue;
+                }
+                let mut values = vec![
+                    Value::Text(r.scopes[scope].0.to_owned()),
+                    Value::Integer(id as i64),
+                    Value::Text(g.as_str().to_owned()),
+                    Value::Integer(window as i64),
+                ];
+                values.extend(d.into_iter().map(Value::Integer));
+                rollup.execute(rusqlite::params_from_iter(values))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Adds `sign` times a row's measures to the rollup windows it falls in.
+fn rollup_deltas(
+    view: &ViewDef,
+    key: &Row,
+    value: Option<&Row>,
+    sign: i64,
+    deltas: &mut HashMap<(usize, u64, Granularity, Millis), Vec<i64>>,
+) {
+    let (Some(r), Some(value), Some(window)) = (&view.rollup, value, view.window_start(key)) else {
+        return;
+    };
+    let get = |name: &str| -> Option<&Datum> {
+        match view.column(name)? {
+            (true, i) => key.get(i),
+            (false, i) => value.get(i),
+        }
+    };
+    let measures: Vec<i64> = r
+        .measures
+        .iter()
+        .map(|m| get(m).and_then(Datum::as_i64).unwrap_or(0) * sign)
+        .collect();
+    for (s, (scope, column)) in r.scopes.iter().enumerate() {
+        let Some(Datum::Id(id)) = get(column) else { continue };
+        for g in r.granularities {
+            if r.skip.contains(&(*scope, *g)) {
+                continue;
+            }
+            let slot = deltas
+                .entry((s, *id, *g, g.align(window)))
+                .or_insert_with(|| vec![0; measures.len()]);
+            for (acc, m) in slot.iter_mut().zip(&measures) {
+                *acc += m;
+            }
+        }
+    }
+}
+
+fn encode_positions(p: &BTreeMap<PartitionId, LogPosition>) -> String {
+    serde_json::to_string(&p.iter().collect::<Vec<_>>()).unwrap_or_else(|_| "[]".into())
+}
+
+fn decode_positions(s: &str) -> Result<BTreeMap<PartitionId, LogPosition>, StoreError> {
+    let v: Vec<(PartitionId, LogPosition)> =
+        serde_json::from_str(s).map_err(|e| StoreError::Inconsistent(format!("progress positions: {e}")))?;
+    Ok(v.into_iter().collect())
+}
+
+fn conflict(e: rusqlite::Error, what: &str) -> StoreError {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+            StoreError::Conflict(format!("{what} already exists"))
+        }
+        e => StoreError::Unavailable(format!("{what}: {e}")),
+    }
+}
+
+const MEASURES: &str = "clicks, fraud_clicks, late_clicks, spend_micros";
+
+fn measures_at(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Measures> {
+    Ok(Measures {
+        clicks: r.get(first)?,
+        fraud_clicks: r.get(first + 1)?,
+        late_clicks: r.get(first + 2)?,
+        spend_micros: r.get(first + 3)?,
+    })
+}
+
+impl SqliteStore {
+    fn check_ad_in(conn: &Connection, ad: &Ad) -> Result<Upserted, StoreError> {
+        let read = unavailable("read catalog");
+        let advertiser: Option<i64> = conn
+            .query_row(
+                "SELECT advertiser_id FROM advertisers WHERE advertiser_id = ?1",
+                [ad.advertiser_id as i64],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(&read)?;
+        if advertiser.is_none() {
+            return Err(StoreError::NotFound(format!("advertiser {}", ad.advertiser_id)));
+        }
+        let owner: Option<i64> = conn
+            .query_row(
+                "SELECT advertiser_id FROM campaigns WHERE campaign_id = ?1",
+                [ad.campaign_id as i64],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(&read)?;
+        if let Some(owner) = owner
+            && owner as u64 != ad.advertiser_id
+        {
+            return Err(StoreError::Conflict(format!(
+                "campaign {} belongs to another advertiser",
+                ad.campaign_id
+            )));
+        }
+        let existing: Option<i64> = conn
+            .query_row("SELECT advertiser_id FROM ads WHERE ad_id = ?1", [ad.ad_id as i64], |r| r.get(0))
+            .optional()
+            .map_err(&read)?;
+        match existing {
+            None => Ok(Upserted::Created),
+            Some(a) if a as u64 == ad.advertiser_id => Ok(Upserted::Updated),
+            Some(_) => Err(StoreError::Conflict(format!(
+                "ad {} belongs to another advertiser; an ad's advertiser cannot change",
+                ad.ad_id
+            ))),
+        }
+    }
+}
+
+impl Store for SqliteStore {
+    fn recovery_point(&self, tick_ms: u64, horizon_ms: u64) -> Result<RecoveryPoint, StoreError> {
+        let conn = self.writer.lock();
+        let stored: Option<String> = conn
+            .query_row("SELECT value FROM settings WHERE key = 'tick_ms'", [], |r| r.get(0))
+            .optional()
+            .map_err(unavailable("read settings"))?;
+        match stored {
+            None => {
+                conn.execute("INSERT INTO settings (key, value) VALUES ('tick_ms', ?1)", [tick_ms.to_string()])
+                    .map_err(unavailable("write settings"))?;
+            }
+            Some(s) if s != tick_ms.to_string() => {
+                return Err(StoreError::Inconsistent(format!(
+                    "the store was written with time.tick = {s}ms, the config says {tick_ms}ms; \
+                     record times would replay differently, so the tick of a store cannot change"
+                )));
+            }
+            Some(_) => {}
+        }
+        let last: Option<(i64, String)> = conn
+            .query_row("SELECT upper, positions FROM progress ORDER BY upper DESC LIMIT 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+            .map_err(unavailable("read progress"))?;
+        let Some((as_of, committed)) = last else {
+            return Ok(RecoveryPoint::default());
+        };
+        let as_of = as_of as Time;
+        let replay: Option<String> = conn
+            .query_row(
+                "SELECT positions FROM progress WHERE upper <= ?1 ORDER BY upper DESC LIMIT 1",
+                [as_of.saturating_sub(horizon_ms) as i64],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(unavailable("read progress"))?;
+        Ok(RecoveryPoint {
+            as_of,
+            committed: decode_positions(&committed)?,
+            replay_from: replay.as_deref().map(decode_positions).transpose()?.unwrap_or_default(),
+        })
+    }
+
+    fn commit(&self, batch: &ChangeBatch) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let mut conn = self.writer.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(unavailable("begin commit"))?;
+        let last: Option<i64> = tx
+            .query_row("SELECT max(upper) FROM progress", [], |r| r.get(0))
+            .map_err(unavailable("read progress"))?;
+        if last.is_some_and(|l| l as u64 >= batch.upper) {
+            return Ok(());
+        }
+        for ((view, sql), changes) in self.views.iter().zip(&self.sql).zip(&batch.views) {
+            Self::apply_view(&tx, view, sql, changes).map_err(unavailable("write view"))?;
+        }
+        tx.execute(
+            "INSERT INTO progress (upper, positions, committed_at_ms) VALUES (?1, ?2, ?3)",
+            params![batch.upper as i64, encode_positions(&batch.positions), now_ms() as i64],
+        )
+        .map_err(unavailable("write progress"))?;
+        tx.execute(
+            "DELETE FROM progress WHERE upper < (SELECT max(upper) FROM progress WHERE upper <= ?1)",
+            [batch.upper.saturating_sub(self.progress_retention_ms) as i64],
+        )
+        .map_err(unavailable("prune progress"))?;
+        tx.commit().map_err(unavailable("commit"))?;
+        tracing::debug!(upper = batch.upper, rows = batch.rows(), elapsed = ?started.elapsed(), "sink commit");
+        Ok(())
+    }
+
+    fn committed_frontier(&self) -> Result<Option<Time>, StoreError> {
+        let conn = self.reader()?;
+        let last: Option<i64> = conn
+            .query_row("SELECT max(upper) FROM progress", [], |r| r.get(0))
+            .map_err(unavailable("read progress"))?;
+        Ok(last.map(|l| l as Time))
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        self.reader()?
+            .query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+            .map_err(unavailable("probe store"))?;
+        Ok(())
+    }
+
+    fn create_advertiser(&self, advertiser_id: u64, name: &str, key_hash: &[u8; 32]) -> Result<(), StoreError> {
+        self.writer
+            .lock()
+            .execute(
+                "INSERT INTO advertisers (advertiser_id, name, api_key_hash, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![advertiser_id as i64, name, key_hash.as_slice(), now_ms() as i64],
+            )
+            .map_err(|e| conflict(e, &format!("advertiser {advertiser_id}")))?;
+        Ok(())
+    }
+
+    fn advertiser_for_key(&self, key_hash: &[u8; 32]) -> Result<Option<u64>, StoreError> {
+        let id: Option<i64> = self
+            .reader()?
+            .query_row(
+                "SELECT advertiser_id FROM advertisers WHERE api_key_hash = ?1",
+                [key_hash.as_slice()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(unavailable("read advertisers"))?;
+        Ok(id.map(|i| i as u64))
+    }
+
+    fn check_ad(&self, ad: &Ad) -> Result<Upserted, StoreError> {
+        Self::check_ad_in(&self.writer.lock(), ad)
+    }
+
+    fn upsert_ad(&self, ad: &Ad) -> Result<Upserted, StoreError> {
+        let mut conn = self.writer.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(unavailable("begin catalog write"))?;
+        let outcome = Self::check_ad_in(&tx, ad)?;
+        let write = unavailable("write catalog");
+        tx.execute(
+            "INSERT INTO campaigns (campaign_id, advertiser_id) VALUES (?1, ?2) ON CONFLICT (campaign_id) DO NOTHING",
+            params![ad.campaign_id as i64, ad.advertiser_id as i64],
+        )
+        .map_err(&write)?;
+        tx.execute(
+            "INSERT INTO ads (ad_id, advertiser_id, campaign_id, landing_url, cpc_micros, updated_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (ad_id) DO UPDATE SET campaign_id = excluded.campaign_id,
+                 landing_url = excluded.landing_url, cpc_micros = excluded.cpc_micros,
+                 updated_at_ms = excluded.updated_at_ms",
+            params![
+                ad.ad_id as i64,
+                ad.advertiser_id as i64,
+                ad.campaign_id as i64,
+                ad.landing_url,
+                ad.cpc_micros as i64,
+                now_ms() as i64
+            ],
+        )
+        .map_err(&write)?;
+        tx.commit().map_err(&write)?;
+        Ok(outcome)
+    }
+
+    fn ad(&self, ad_id: u64) -> Result<Option<Ad>, StoreError> {
+        self.reader()?
+            .query_row(
+                "SELECT ad_id, advertiser_id, campaign_id, landing_url, cpc_micros FROM ads WHERE ad_id = ?1",
+                [ad_id as i64],
+                ad_from_row,
+            )
+            .optional()
+            .map_err(unavailable("read ads"))
+    }
+
+    fn ads(&self) -> Result<Vec<Ad>, StoreError> {
+        let conn = self.reader()?;
+        let mut stmt = conn
+            .prepare("SELECT ad_id, advertiser_id, campaign_id, landing_url, cpc_micros FROM ads")
+            .map_err(unavailable("read ads"))?;
+        stmt.query_map([], ad_from_row)
+            .and_then(|rows| rows.collect())
+            .map_err(unavailable("read ads"))
+    }
+
+    fn campaign_owner(&self, campaign_id: u64) -> Result<Option<u64>, StoreError> {
+        let owner: Option<i64> = self
+            .reader()?
+            .query_row(
+                "SELECT advertiser_id FROM campaigns WHERE campaign_id = ?1",
+                [campaign_id as i64],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(unavailable("read campaigns"))?;
+        Ok(owner.map(|o| o as u64))
+    }
+
+    fn advertiser_exists(&self, advertiser_id: u64) -> Result<bool, StoreError> {
+        let n: i64 = self
+            .reader()?
+            .query_row(
+                "SELECT count(*) FROM advertisers WHERE advertiser_id = ?1",
+                [advertiser_id as i64],
+                |r| r.get(0),
+            )
+            .map_err(unavailable("read advertisers"))?;
+        Ok(n > 0)
+    }
+
+    fn click_series(
+        &self,
+        scope: MetricScope,
+        id: u64,
+        granularity: Granularity,
+        from: Millis,
+        to: Millis,
+    ) -> Result<Vec<(Millis, Measures)>, StoreError> {
+        let conn = self.reader()?;
+        let view = &ad_clicks::VIEW;
+        let (sql, args): (String, Vec<Value>) = if scope == MetricScope::Ad && granularity == Granularity::Minute {
+            (
+                format!(
+                    "SELECT window_start, {MEASURES} FROM {} WHERE ad_id = ?1 AND window_start >= ?2 \
+                     AND window_start < ?3 ORDER BY window_start",
+                    view.table()
+                ),
+                vec![Value::Integer(id as i64), Value::Integer(from as i64), Value::Integer(to as i64)],
+            )
+        } else {
+            (
+                format!(
+                    "SELECT window_start, {MEASURES} FROM {} WHERE scope = ?1 AND scope_id = ?2 \
+                     AND granularity = ?3 AND window_start >= ?4 AND window_start < ?5 ORDER BY window_start",
+                    view.rollup_table()
+                ),
+                vec![
+                    Value::Text(scope.as_str().into()),
+                    Value::Integer(id as i64),
+                    Value::Text(granularity.as_str().into()),
+                    Value::Integer(from as i64),
+                    Value::Integer(to as i64),
+                ],
+            )
+        };
+        let mut stmt = conn.prepare_cached(&sql).map_err(unavailable("read series"))?;
+        stmt.query_map(rusqlite::params_from_iter(args), |r| {
+            Ok((r.get::<_, i64>(0)? as Millis, measures_at(r, 1)?))
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(unavailable("read series"))
+    }
+
+    fn ad_totals(&self, advertiser_id: u64, from: Millis, to: Millis) -> Result<Vec<(u64, Measures)>, StoreError> {
+        let conn = self.reader()?;
+        let view = &ad_clicks::VIEW;
+        let mut totals: BTreeMap<u64, Measures> = BTreeMap::new();
+        for (g, a, b) in decompose(from, to) {
+            let (sql, args) = if g == Granularity::Minute {
+                (
+                    format!(
+                        "SELECT ad_id, sum(clicks), sum(fraud_clicks), sum(late_clicks), sum(spend_micros) \
+                         FROM {} WHERE advertiser_id = ?1 AND window_start >= ?2 AND window_start < ?3 \
+                         GROUP BY ad_id",
+                        view.table()
+                    ),
+                    vec![Value::Integer(advertiser_id as i64), Value::Integer(a as i64), Value::Integer(b as i64)],
+                )
+            } else {
+                (
+                    format!(
+                        "SELECT r.scope_id, sum(r.clicks), sum(r.fraud_clicks), sum(r.late_clicks), \
+                         sum(r.spend_micros) FROM {} r JOIN ads ON ads.ad_id = r.scope_id \
+                         WHERE r.scope = 'ad' AND r.granularity = ?1 AND ads.advertiser_id = ?2 \
+                         AND r.window_start >= ?3 AND r.window_start < ?4 GROUP BY r.scope_id",
+                        view.rollup_table()
+                    ),
+                    vec![
+                        Value::Text(g.as_str().into()),
+                        Value::Integer(advertiser_id as i64),
+                        Value::Integer(a as i64),
+                        Value::Integer(b as i64),
+                    ],
+                )
+            };
+            let mut stmt = conn.prepare_cached(&sql).map_err(unavailable("read totals"))?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(args), |r| {
+                    Ok((r.get::<_, i64>(0)? as u64, measures_at(r, 1)?))
+                })
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(unavailable("read totals"))?;
+            for (ad, m) in rows {
+                totals.entry(ad).or_default().add(&m);
+            }
+        }
+        Ok(totals.into_iter().collect())
+    }
+
+    fn late_clicks(&self, ad_id: u64, from: Millis, to: Millis, limit: usize) -> Result<Vec<LateClick>, StoreError> {
+        let conn = self.reader()?;
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT impression_id, click_id, event_time, record_time FROM {} \
+                 WHERE ad_id = ?1 AND window_start >= ?2 AND window_start < ?3 \
+                 ORDER BY window_start, impression_id LIMIT ?4",
+                late_clicks::VIEW.table()
+            ))
+            .map_err(unavailable("read late clicks"))?;
+        stmt.query_map(params![ad_id as i64, from as i64, to as i64, limit as i64], |r| {
+            Ok(LateClick {
+                impression_id: r.get(0)?,
+                click_id: r.get(1)?,
+                event_time_ms: r.get::<_, i64>(2)? as Millis,
+                record_time_ms: r.get::<_, i64>(3)? as Millis,
+            })
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(unavailable("read late clicks"))
+    }
+}
+
+fn ad_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Ad> {
+    Ok(Ad {
+        ad_id: r.get::<_, i64>(0)? as u64,
+        advertiser_id: r.get::<_, i64>(1)? as u64,
+        campaign_id: r.get::<_, i64>(2)? as u64,
+        landing_url: r.get(3)?,
+        cpc_micros: r.get::<_, i64>(4)? as u64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Topic;
+
+    fn store(dir: &Path) -> SqliteStore {
+        SqliteStore::open(
+            &dir.join("store.db"),
+            crate::dataflows::VIEWS,
+            SqliteOptions {
+                read_pool_size: 2,
+                progress_retention_ms: 1_000,
+            },
+        )
+        .expect("open")
+    }
+
+    fn minute_row(ad: u64, w: Millis, campaign: u64, clicks: i64, spend: i64) -> (Row, Row) {
+        (
+            vec![Datum::Id(ad), Datum::Time(w)],
+            vec![
+                Datum::Id(campaign),
+                Datum::Id(7),
+                Datum::Int(clicks),
+                Datum::Int(0),
+                Datum::Int(0),
+                Datum::Int(spend),
+            ],
+        )
+    }
+
+    fn batch(upper: Time, rows: Vec<(Row, Option<Row>)>) -> ChangeBatch {
+        let mut views = vec![ViewChanges::new(); crate::dataflows::VIEWS.len()];
+        views[0] = rows.into_iter().collect();
+        ChangeBatch {
+            upper,
+            views,
+            positions: BTreeMap::from([(
+                PartitionId {
+                    topic: Topic::Clicks,
+                    partition: 0,
+                },
+                LogPosition {
+                    offset: upper,
+                    time_floor_ms: upper,
+                },
+            )]),
+        }
+    }
+
+    #[test]
+    fn rollups_equal_the_sum_of_stored_rows_through_updates_and_moves() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = store(dir.path());
+        let (k1, v1) = minute_row(1, 60_000, 70, 3, 300);
+        let (k2, v2) = minute_row(1, 120_000, 70, 2, 200);
+        s.commit(&batch(1_000, vec![(k1.clone(), Some(v1)), (k2.clone(), Some(v2))])).expect("c1");
+        // k1 grows, and the ad moves to campaign 71 for k2.
+        let (_, v1b) = minute_row(1, 60_000, 70, 5, 500);
+        let (_, v2b) = minute_row(1, 120_000, 71, 2, 200);
+        s.commit(&batch(2_000, vec![(k1.clone(), Some(v1b)), (k2.clone(), Some(v2b))])).expect("c2");
+
+        let five = s.click_series(MetricScope::Ad, 1, Granularity::FiveMinutes, 0, 600_000).expect("series");
+        assert_eq!(five, vec![(0, Measures { clicks: 7, spend_micros: 700, ..Default::default() })]);
+        let c70 = s.click_series(MetricScope::Campaign, 70, Granularity::Hour, 0, 3_600_000).expect("series");
+        assert_eq!(c70[0].1.clicks, 5);
+        let c71 = s.click_series(MetricScope::Campaign, 71, Granularity::Minute, 0, 3_600_000).expect("series");
+        assert_eq!(c71, vec![(120_000, Measures { clicks: 2, spend_micros: 200, ..Default::default() })]);
+
+        // A replayed batch (same or older upper) is skipped, not applied twice.
+        s.commit(&batch(2_000, vec![(k1.clone(), Some(minute_row(1, 60_000, 70, 99, 0).1))])).expect("dup");
+        let adv = s.click_series(MetricScope::Advertiser, 7, Granularity::Day, 0, 86_400_000).expect("series");
+        assert_eq!(adv[0].1.clicks, 7);
+
+        // Deleting a row takes it out of the rollups.
+        s.commit(&batch(3_000, vec![(k1, None)])).expect("c3");
+        let adv = s.click_series(MetricScope::Advertiser, 7, Granularity::Day, 0, 86_400_000).expect("series");
+        assert_eq!(adv[0].1.clicks, 2);
+        assert_eq!(s.committed_frontier().expect("frontier"), Some(3_000));
+    }
+
+    #[test]
+    fn recovery_point_replays_from_the_horizon_and_pins_the_tick() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = store(dir.path());
+        assert_eq!(s.recovery_point(200, 500).expect("empty"), RecoveryPoint::default());
+        for upper in [1_000, 1_400, 1_800, 2_200] {
+            s.commit(&batch(upper, vec![])).expect("commit");
+        }
+        let rp = s.recovery_point(200, 500).expect("rp");
+        assert_eq!(rp.as_of, 2_200);
+        // Last commit at or before 2200 - 500 = 1700 is 1400.
+        assert_eq!(rp.replay_from.values().next().map(|p| p.offset), Some(1_400));
+        let err = s.recovery_point(100, 500).expect_err("tick changed");
+        assert!(err.to_string().contains("time.tick"), "{err}");
+    }
+
+    #[test]
+    fn catalog_rules_hold() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = store(dir.path());
+        let ad = Ad {
+            ad_id: u64::MAX,
+            advertiser_id: 7,
+            campaign_id: 70,
+            landing_url: "https://a.example/".into(),
+            cpc_micros: 1,
+        };
+        assert!(matches!(s.upsert_ad(&ad), Err(StoreError::NotFound(_))));
+        s.create_advertiser(7, "A", &[1; 32]).expect("adv");
+        s.create_advertiser(8, "B", &[2; 32]).expect("adv");
+        assert!(matches!(s.create_advertiser(7, "A", &[3; 32]), Err(StoreError::Conflict(_))));
+        assert_eq!(s.upsert_ad(&ad).expect("create"), Upserted::Created);
+        assert_eq!(s.upsert_ad(&ad).expect("update"), Upserted::Updated);
+        assert_eq!(s.ad(u64::MAX).expect("read"), Some(ad.clone()), "u64 ids survive bit-casting");
+        let stolen = Ad { advertiser_id: 8, ..ad.clone() };
+        assert!(matches!(s.upsert_ad(&stolen), Err(StoreError::Conflict(_))));
+        let other = Ad { ad_id: 5, advertiser_id: 8, ..ad };
+        assert!(matches!(s.upsert_ad(&other), Err(StoreError::Conflict(_))), "campaign 70 is 7's");
+        assert_eq!(s.advertiser_for_key(&[2; 32]).expect("key"), Some(8));
+        assert_eq!(s.campaign_owner(70).expect("owner"), Some(7));
+    }
+}
