@@ -9,9 +9,13 @@ pub mod config;
 #[path = "../dataflows/mod.rs"]
 pub mod dataflows;
 pub mod dataflow;
+pub mod loadgen;
 pub mod log;
 pub mod metrics;
 pub mod record;
+pub mod secrets;
+pub mod serve;
+pub mod server;
 pub mod store;
 pub mod time;
 pub mod token;

@@ -1,1 +1,221 @@
-fn main() {}
+//! The `clickagg` binary: `serve`, `loadgen` and `config check`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use clickagg::config::Config;
+use clickagg::loadgen::LoadgenOptions;
+
+#[derive(Parser)]
+#[command(name = "clickagg", version, about = "Exactly-once ad-click aggregation on timely and differential dataflow")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run everything in one process: click tracker, dataflow, sink and query API.
+    Serve {
+        /// A TOML config file (keys left out take the defaults of config/default.toml).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Also send demo traffic to this server, so the numbers move.
+        #[arg(long)]
+        demo: bool,
+        /// Clicks per second of the demo traffic.
+        #[arg(long, default_value_t = 200)]
+        demo_rate: u64,
+    },
+    /// Create a demo catalog and send realistic click traffic to a server.
+    Loadgen(LoadgenArgs),
+    /// Check a config file (and the environment) without starting anything.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Production click tracker producing to Kafka (not built yet).
+    Ingest(Unbuilt),
+    /// Production timely worker process reading Kafka (not built yet).
+    Worker(Unbuilt),
+    /// Production query API on Postgres (not built yet).
+    Query(Unbuilt),
+}
+
+#[derive(Args)]
+struct Unbuilt {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    rest: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Load and validate a config file; print the effective settings.
+    Check {
+        /// The file (omit to check the defaults).
+        file: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct LoadgenArgs {
+    /// Server base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Admin key (default: read from <data-dir>/secrets.toml).
+    #[arg(long, env = "CLICKAGG_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<String>,
+    /// Ad-server key (default: read from <data-dir>/secrets.toml).
+    #[arg(long, env = "CLICKAGG_AD_SERVER_KEY", hide_env_values = true)]
+    ad_server_key: Option<String>,
+    /// Where the server keeps generated secrets.
+    #[arg(long, env = "CLICKAGG_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// Clicks per second.
+    #[arg(long, default_value_t = 1_000)]
+    rate: u64,
+    /// How long to run, e.g. 60s or 10m.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    duration: Duration,
+    /// Stop after this many clicks instead.
+    #[arg(long)]
+    clicks: Option<u64>,
+    /// Ads in the demo catalog (Zipf popularity).
+    #[arg(long, default_value_t = 200)]
+    ads: u64,
+    /// Advertisers in the demo catalog.
+    #[arg(long, default_value_t = 5)]
+    advertisers: u64,
+    /// Clicks per POST /v1/clicks.
+    #[arg(long, default_value_t = 200)]
+    batch: usize,
+    /// Share of clicks repeating an earlier impression.
+    #[arg(long, default_value_t = 0.1)]
+    duplicate_rate: f64,
+    /// Share of clicks with an event time beyond the allowed lateness.
+    #[arg(long, default_value_t = 0.02)]
+    late_rate: f64,
+    /// How old late clicks are.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+    late_by: Duration,
+    /// Share of clicks sent through GET /c/{token}.
+    #[arg(long, default_value_t = 0.02)]
+    redirect_rate: f64,
+    /// Seconds between IP bursts (0 disables them).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    burst_every: Duration,
+    /// Clicks per IP burst.
+    #[arg(long, default_value_t = 40)]
+    burst_size: usize,
+    /// Random seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn read_secret(data_dir: &std::path::Path, given: Option<String>, field: &str) -> anyhow::Result<String> {
+    if let Some(key) = given {
+        return Ok(key);
+    }
+    let path = clickagg::secrets::secrets_path(data_dir);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("no --{} given and cannot read {}", field.replace('_', "-"), path.display()))?;
+    let table: toml::Table = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    table
+        .get(field)
+        .and_then(|v| v.as_str())
+        .map(str::to_owned)
+        .with_context(|| format!("{} has no {field}", path.display()))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { config, demo, demo_rate } => {
+            let config = Config::load(config.as_deref())?;
+            let demo = demo.then(|| LoadgenOptions {
+                rate: demo_rate,
+                duration: None,
+                progress: false,
+                ..LoadgenOptions::default()
+            });
+            clickagg::serve::run(config, demo).await
+        }
+        Command::Loadgen(a) => {
+            let options = LoadgenOptions {
+                url: a.url,
+                admin_key: read_secret(&a.data_dir, a.admin_key, "admin_key")?,
+                ad_server_key: read_secret(&a.data_dir, a.ad_server_key, "ad_server_key")?,
+                rate: a.rate,
+                duration: if a.clicks.is_some() { None } else { Some(a.duration) },
+                clicks: a.clicks,
+                ads: a.ads,
+                advertisers: a.advertisers,
+                batch: a.batch,
+                duplicate_rate: a.duplicate_rate,
+                late_rate: a.late_rate,
+                late_by: a.late_by,
+                redirect_rate: a.redirect_rate,
+                burst_every: if a.burst_every.is_zero() { Duration::MAX } else { a.burst_every },
+                burst_size: a.burst_size,
+                seed: a.seed,
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let report = clickagg::loadgen::run(options).await?;
+            println!("{report}");
+            Ok(())
+        }
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => {
+            let config = Config::load(file.as_deref())?;
+            println!("config ok: {}", file.as_deref().map_or("built-in defaults".into(), |p| p.display().to_string()));
+            println!("  horizon: {} (minimum {})", humantime::format_duration(Duration::from_millis(config.horizon_ms())), humantime::format_duration(config.min_horizon()));
+            println!("  {config:#?}");
+            Ok(())
+        }
+        Command::Ingest(_) | Command::Worker(_) | Command::Query(_) => anyhow::bail!(
+            "the production processes (ingest, worker, query on Kafka and Postgres) are not built yet; \
+             run `clickagg serve` for the whole pipeline in one process"
+        ),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

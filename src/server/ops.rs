@@ -1,0 +1,59 @@
+//! Operations: health, readiness, Prometheus metrics.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+
+use super::error::ApiError;
+use super::{AppState, blocking};
+
+/// `GET /healthz`: the process is up.
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// `GET /readyz`: log and store reachable, recovery finished.
+pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let log = state.log.clone();
+    blocking(move || log.check()).await?;
+    let store = state.store.clone();
+    let frontier = blocking(move || {
+        store.check()?;
+        store.committed_frontier()
+    })
+    .await?;
+    if let Some(sink) = &state.sink {
+        if let Some(e) = sink.last_error() {
+            return Err(ApiError::unavailable("sink_failing", format!("sink commits failing: {e}"), 2));
+        }
+        if !sink.recovered() {
+            return Err(ApiError::unavailable(
+                "recovering",
+                "replaying the log up to the committed frontier",
+                1,
+            ));
+        }
+    }
+    Ok(Json(serde_json::json!({
+        "status": "ready",
+        "committed_frontier": frontier.map(crate::time::rfc3339),
+    })))
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.metrics.render(),
+    )
+}
+
+/// `GET /openapi.json`: not built yet (issue "Operable and pleasant"); says so clearly.
+pub async fn openapi() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "not_implemented",
+        "the machine-readable contract is not generated yet; ../shared/api.md is the reference",
+    )
+}

@@ -1,0 +1,276 @@
+//! Advertiser metrics: per-window series, top ads and late clicks, read from the store.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use serde::Serialize;
+
+use super::clicks::TimeIn;
+use super::error::ApiError;
+use super::{AppState, auth::Caller, blocking};
+use crate::store::{MetricScope, Measures};
+use crate::time::{Granularity, Millis, now_ms, rfc3339};
+
+/// A series may hold at most this many windows.
+const MAX_POINTS: u64 = 50_000;
+
+/// One window of a series.
+#[derive(Debug, Serialize)]
+pub struct Point {
+    /// Window start, RFC 3339.
+    pub window_start: String,
+    /// Billable clicks.
+    pub clicks: i64,
+    /// Fraud clicks.
+    pub fraud_clicks: i64,
+    /// Late clicks.
+    pub late_clicks: i64,
+    /// Spend of the billable clicks.
+    pub spend_micros: i64,
+    /// Whether the window can no longer change.
+    #[serde(rename = "final")]
+    pub is_final: bool,
+}
+
+/// A series answer.
+#[derive(Debug, Serialize)]
+pub struct Series {
+    /// The window length.
+    pub granularity: &'static str,
+    /// First window start (aligned), RFC 3339.
+    pub from: String,
+    /// End (exclusive, aligned), RFC 3339.
+    pub to: String,
+    /// The record time up to which the store is complete.
+    pub complete_through: Option<String>,
+    /// Windows with activity, in order.
+    pub points: Vec<Point>,
+}
+
+fn param_time(params: &HashMap<String, String>, name: &str) -> Result<Option<Millis>, ApiError> {
+    let Some(raw) = params.get(name) else { return Ok(None) };
+    let parsed = match raw.parse::<u64>() {
+        Ok(ms) => TimeIn::Millis(ms),
+        Err(_) => TimeIn::Text(raw.clone()),
+    };
+    parsed.millis().map(Some).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_time",
+            format!("{name}={raw:?} is neither RFC 3339 nor milliseconds since the epoch"),
+        )
+    })
+}
+
+/// `from`, `to` (aligned down) and the granularity of a metrics request.
+fn range(params: &HashMap<String, String>, default_span: impl Fn(Granularity) -> u64) -> Result<(Granularity, Millis, Millis), ApiError> {
+    let g = match params.get("granularity") {
+        None => Granularity::Minute,
+        Some(s) => Granularity::parse(s).ok_or_else(|| {
+            ApiError::bad_request("invalid_granularity", format!("granularity={s:?}; use 1m, 5m, 1h or 1d"))
+        })?,
+    };
+    let to = param_time(params, "to")?.unwrap_or_else(|| now_ms() + g.ms());
+    let from = param_time(params, "from")?.unwrap_or_else(|| to.saturating_sub(default_span(g)));
+    if from > to {
+        return Err(ApiError::bad_request("invalid_range", "from is after to"));
+    }
+    let (from, to) = (g.align(from), g.align(to));
+    if (to - from) / g.ms() > MAX_POINTS {
+        return Err(ApiError::bad_request(
+            "range_too_large",
+            format!("more than {MAX_POINTS} windows of {g}; use a coarser granularity"),
+        ));
+    }
+    Ok((g, from, to))
+}
+
+fn default_span(g: Granularity) -> u64 {
+    match g {
+        Granularity::Minute => 3_600_000,
+        Granularity::FiveMinutes | Granularity::Hour => 86_400_000,
+        Granularity::Day => 30 * 86_400_000,
+    }
+}
+
+async fn series(
+    state: &AppState,
+    scope: MetricScope,
+    id: u64,
+    params: &HashMap<String, String>,
+) -> Result<Json<Series>, ApiError> {
+    let (g, from, to) = range(params, default_span)?;
+    let store = state.store.clone();
+    let (rows, frontier) = blocking(move || {
+        let rows = store.click_series(scope, id, g, from, to)?;
+        Ok::<_, crate::store::StoreError>((rows, store.committed_frontier()?))
+    })
+    .await?;
+    let committed = frontier.unwrap_or(0);
+    let points = rows
+        .into_iter()
+        .map(|(w, m)| Point {
+            window_start: rfc3339(w),
+            clicks: m.clicks,
+            fraud_clicks: m.fraud_clicks,
+            late_clicks: m.late_clicks,
+            spend_micros: m.spend_micros,
+            is_final: state.finality.is_final(w, g.ms(), committed),
+        })
+        .collect();
+    Ok(Json(Series {
+        granularity: g.as_str(),
+        from: rfc3339(from),
+        to: rfc3339(to),
+        complete_through: frontier.map(rfc3339),
+        points,
+    }))
+}
+
+/// `GET /v1/ads/{ad_id}/clicks`.
+pub async fn ad_clicks(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(ad_id): Path<u64>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Series>, ApiError> {
+    let store = state.store.clone();
+    let owner = blocking(move || store.ad(ad_id)).await?.map(|a| a.advertiser_id);
+    caller.require_reader_of(owner, &format!("ad {ad_id}"))?;
+    series(&state, MetricScope::Ad, ad_id, &params).await
+}
+
+/// `GET /v1/campaigns/{campaign_id}/clicks`.
+pub async fn campaign_clicks(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(campaign_id): Path<u64>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Series>, ApiError> {
+    let store = state.store.clone();
+    let owner = blocking(move || store.campaign_owner(campaign_id)).await?;
+    caller.require_reader_of(owner, &format!("campaign {campaign_id}"))?;
+    series(&state, MetricScope::Campaign, campaign_id, &params).await
+}
+
+async fn advertiser_owner(state: &AppState, advertiser_id: u64) -> Result<Option<u64>, ApiError> {
+    let store = state.store.clone();
+    let exists = blocking(move || store.advertiser_exists(advertiser_id)).await?;
+    Ok(exists.then_some(advertiser_id))
+}
+
+/// `GET /v1/advertisers/{advertiser_id}/clicks`.
+pub async fn advertiser_clicks(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(advertiser_id): Path<u64>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Series>, ApiError> {
+    let owner = advertiser_owner(&state, advertiser_id).await?;
+    caller.require_reader_of(owner, &format!("advertiser {advertiser_id}"))?;
+    series(&state, MetricScope::Advertiser, advertiser_id, &params).await
+}
+
+/// One ad of a top list.
+#[derive(Debug, Serialize)]
+pub struct AdTotalOut {
+    /// The ad.
+    pub ad_id: u64,
+    /// Billable clicks.
+    pub clicks: i64,
+    /// Spend.
+    pub spend_micros: i64,
+    /// Fraud clicks.
+    pub fraud_clicks: i64,
+    /// Late clicks.
+    pub late_clicks: i64,
+}
+
+/// The top-ads answer.
+#[derive(Debug, Serialize)]
+pub struct TopAds {
+    /// First minute, RFC 3339.
+    pub from: String,
+    /// End (exclusive), RFC 3339.
+    pub to: String,
+    /// Ads by billable clicks, most first.
+    pub ads: Vec<AdTotalOut>,
+}
+
+/// `GET /v1/advertisers/{advertiser_id}/top-ads`.
+pub async fn top_ads(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(advertiser_id): Path<u64>,
+    Query(mut params): Query<HashMap<String, String>>,
+) -> Result<Json<TopAds>, ApiError> {
+    let owner = advertiser_owner(&state, advertiser_id).await?;
+    caller.require_reader_of(owner, &format!("advertiser {advertiser_id}"))?;
+    let limit = match params.get("limit") {
+        None => 10,
+        Some(s) => s
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| ApiError::bad_request("invalid_limit", "limit must be between 1 and 1000"))?,
+    };
+    params.remove("granularity");
+    let (_, from, to) = range(&params, |_| 86_400_000)?;
+    let store = state.store.clone();
+    let mut totals = blocking(move || store.ad_totals(advertiser_id, from, to)).await?;
+    totals.sort_by(|(a, x), (b, y)| (y.clicks, y.spend_micros, a).cmp(&(x.clicks, x.spend_micros, b)));
+    totals.truncate(limit);
+    Ok(Json(TopAds {
+        from: rfc3339(from),
+        to: rfc3339(to),
+        ads: totals
+            .into_iter()
+            .map(|(ad_id, m): (u64, Measures)| AdTotalOut {
+                ad_id,
+                clicks: m.clicks,
+                spend_micros: m.spend_micros,
+                fraud_clicks: m.fraud_clicks,
+                late_clicks: m.late_clicks,
+            })
+            .collect(),
+    }))
+}
+
+/// One stored late click.
+#[derive(Debug, Serialize)]
+pub struct LateClickOut {
+    /// The impression.
+    pub impression_id: String,
+    /// The click id.
+    pub click_id: String,
+    /// Event time, RFC 3339.
+    pub event_time: String,
+    /// Record time, RFC 3339.
+    pub record_time: String,
+}
+
+/// `GET /v1/ads/{ad_id}/late-clicks`: the late-clicks side output of one ad.
+pub async fn ad_late_clicks(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(ad_id): Path<u64>,
+    Query(mut params): Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let store = state.store.clone();
+    let owner = blocking(move || store.ad(ad_id)).await?.map(|a| a.advertiser_id);
+    caller.require_reader_of(owner, &format!("ad {ad_id}"))?;
+    params.remove("granularity");
+    let (_, from, to) = range(&params, |_| 86_400_000)?;
+    let store = state.store.clone();
+    let rows = blocking(move || store.late_clicks(ad_id, from, to, 10_000)).await?;
+    let clicks: Vec<LateClickOut> = rows
+        .into_iter()
+        .map(|r| LateClickOut {
+            impression_id: r.impression_id,
+            click_id: r.click_id,
+            event_time: rfc3339(r.event_time_ms),
+            record_time: rfc3339(r.record_time_ms),
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "ad_id": ad_id, "late_clicks": clicks })))
+}
