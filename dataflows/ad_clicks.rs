@@ -7,7 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::time::{Granularity, minute_of};
 use crate::views::ColumnType::{Id, Int, Time};
-use crate::views::{ClassifiedClick, ClickClass, Datum, RollupSpec, ViewCollection, ViewDef, ViewInputs, WindowSpec, col};
+use crate::views::{
+    ClassifiedClick, ClickClass, Datum, RollupSpec, ViewCollection, ViewDef, ViewInputs,
+    WindowSpec, col,
+};
 
 /// The view.
 pub const VIEW: ViewDef = ViewDef {
@@ -27,7 +30,11 @@ pub const VIEW: ViewDef = ViewDef {
         length_ms: Granularity::Minute.ms(),
     },
     rollup: Some(RollupSpec {
-        scopes: &[("ad", "ad_id"), ("campaign", "campaign_id"), ("advertiser", "advertiser_id")],
+        scopes: &[
+            ("ad", "ad_id"),
+            ("campaign", "campaign_id"),
+            ("advertiser", "advertiser_id"),
+        ],
         granularities: &Granularity::ALL,
         measures: &["clicks", "fraud_clicks", "late_clicks", "spend_micros"],
         skip: &[("ad", Granularity::Minute)],
@@ -36,7 +43,9 @@ pub const VIEW: ViewDef = ViewDef {
 };
 
 /// The counters of one click, used as a difference so `count_total` sums them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct ClickCounts {
     /// Billable clicks.
     pub clicks: i64,

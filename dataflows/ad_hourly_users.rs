@@ -32,5 +32,10 @@ fn build<'s>(inputs: &ViewInputs<'s>) -> ViewCollection<'s> {
         .distinct_total()
         .map(|(ad, hour, _user)| (ad, hour))
         .count_total()
-        .map(|((ad, hour), users)| (vec![Datum::Id(ad), Datum::Time(hour)], vec![Datum::Int(users as i64)]))
+        .map(|((ad, hour), users)| {
+            (
+                vec![Datum::Id(ad), Datum::Time(hour)],
+                vec![Datum::Int(users as i64)],
+            )
+        })
 }

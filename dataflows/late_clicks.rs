@@ -10,8 +10,16 @@ use crate::views::{ClickClass, Datum, ViewCollection, ViewDef, ViewInputs, Windo
 pub const VIEW: ViewDef = ViewDef {
     name: "late_clicks",
     about: "clicks that arrived later than the allowed lateness, one per impression",
-    key: &[col("ad_id", Id), col("window_start", Time), col("impression_id", Text)],
-    value: &[col("click_id", Text), col("event_time", Time), col("record_time", Time)],
+    key: &[
+        col("ad_id", Id),
+        col("window_start", Time),
+        col("impression_id", Text),
+    ],
+    value: &[
+        col("click_id", Text),
+        col("event_time", Time),
+        col("record_time", Time),
+    ],
     window: WindowSpec {
         column: "window_start",
         length_ms: Granularity::Minute.ms(),
@@ -32,7 +40,11 @@ fn build<'s>(inputs: &ViewInputs<'s>) -> ViewCollection<'s> {
                     Datum::Time(minute_of(c.event_time_ms)),
                     Datum::Text(impression_hex(c.impression_id)),
                 ],
-                vec![Datum::Text(c.click_id), Datum::Time(c.event_time_ms), Datum::Time(c.record_time_ms)],
+                vec![
+                    Datum::Text(c.click_id),
+                    Datum::Time(c.event_time_ms),
+                    Datum::Time(c.record_time_ms),
+                ],
             )
         })
 }

@@ -192,7 +192,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     if s.starts_with('-') {
         return Err(format!("{s:?} is negative; durations must be positive"));
     }
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 500ms, 30s or 2h ({e})"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 500ms, 30s or 2h ({e})"))
 }
 
 fn parse_horizon(s: &str) -> Result<Option<Duration>, String> {
@@ -218,12 +219,30 @@ where
 
 /// Every `CLICKAGG_*` variable and the key it overrides.
 const ENV_OVERRIDES: &[EnvOverride] = &[
-    EnvOverride { var: "CLICKAGG_HTTP_ADDR", apply: |c, v| Ok(c.http.addr = parse(v)?) },
-    EnvOverride { var: "CLICKAGG_DATA_DIR", apply: |c, v| Ok(c.data_dir = PathBuf::from(v)) },
-    EnvOverride { var: "CLICKAGG_ADMIN_KEY", apply: |c, v| Ok(c.keys.admin_key = v.to_owned()) },
-    EnvOverride { var: "CLICKAGG_AD_SERVER_KEY", apply: |c, v| Ok(c.keys.ad_server_key = v.to_owned()) },
-    EnvOverride { var: "CLICKAGG_TOKEN_SECRET", apply: |c, v| Ok(c.keys.token_secret = v.to_owned()) },
-    EnvOverride { var: "CLICKAGG_TICK", apply: |c, v| Ok(c.time.tick = parse_duration(v)?) },
+    EnvOverride {
+        var: "CLICKAGG_HTTP_ADDR",
+        apply: |c, v| Ok(c.http.addr = parse(v)?),
+    },
+    EnvOverride {
+        var: "CLICKAGG_DATA_DIR",
+        apply: |c, v| Ok(c.data_dir = PathBuf::from(v)),
+    },
+    EnvOverride {
+        var: "CLICKAGG_ADMIN_KEY",
+        apply: |c, v| Ok(c.keys.admin_key = v.to_owned()),
+    },
+    EnvOverride {
+        var: "CLICKAGG_AD_SERVER_KEY",
+        apply: |c, v| Ok(c.keys.ad_server_key = v.to_owned()),
+    },
+    EnvOverride {
+        var: "CLICKAGG_TOKEN_SECRET",
+        apply: |c, v| Ok(c.keys.token_secret = v.to_owned()),
+    },
+    EnvOverride {
+        var: "CLICKAGG_TICK",
+        apply: |c, v| Ok(c.time.tick = parse_duration(v)?),
+    },
     EnvOverride {
         var: "CLICKAGG_ALLOWED_LATENESS",
         apply: |c, v| Ok(c.time.allowed_lateness = parse_duration(v)?),
@@ -236,14 +255,26 @@ const ENV_OVERRIDES: &[EnvOverride] = &[
         var: "CLICKAGG_CORRECTION_WINDOW",
         apply: |c, v| Ok(c.time.correction_window = parse_duration(v)?),
     },
-    EnvOverride { var: "CLICKAGG_HORIZON", apply: |c, v| Ok(c.time.horizon = parse_horizon(v)?) },
+    EnvOverride {
+        var: "CLICKAGG_HORIZON",
+        apply: |c, v| Ok(c.time.horizon = parse_horizon(v)?),
+    },
     EnvOverride {
         var: "CLICKAGG_FRAUD_MAX_CLICKS_PER_IP_PER_SECOND",
         apply: |c, v| Ok(c.fraud.max_clicks_per_ip_per_second = parse(v)?),
     },
-    EnvOverride { var: "CLICKAGG_WORKERS", apply: |c, v| Ok(c.workers = parse(v)?) },
-    EnvOverride { var: "CLICKAGG_KAFKA_BROKERS", apply: |c, v| Ok(c.log.kafka_brokers = v.to_owned()) },
-    EnvOverride { var: "CLICKAGG_POSTGRES_URL", apply: |c, v| Ok(c.store.postgres_url = v.to_owned()) },
+    EnvOverride {
+        var: "CLICKAGG_WORKERS",
+        apply: |c, v| Ok(c.workers = parse(v)?),
+    },
+    EnvOverride {
+        var: "CLICKAGG_KAFKA_BROKERS",
+        apply: |c, v| Ok(c.log.kafka_brokers = v.to_owned()),
+    },
+    EnvOverride {
+        var: "CLICKAGG_POSTGRES_URL",
+        apply: |c, v| Ok(c.store.postgres_url = v.to_owned()),
+    },
 ];
 
 /// The `CLICKAGG_*` variables that override the config, for docs and `--help`.
@@ -307,11 +338,17 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
         if self.workers == 0 || self.workers > 256 {
-            return invalid("workers", format!("{} is not between 1 and 256", self.workers));
+            return invalid(
+                "workers",
+                format!("{} is not between 1 and 256", self.workers),
+            );
         }
         let t = &self.time;
         if t.tick < Duration::from_millis(10) || t.tick > Duration::from_secs(10) {
-            return invalid("time.tick", format!("{:?} is not between 10ms and 10s", t.tick));
+            return invalid(
+                "time.tick",
+                format!("{:?} is not between 10ms and 10s", t.tick),
+            );
         }
         if t.impression_ttl < t.tick {
             return invalid("time.impression_ttl", "must be at least one tick".into());
@@ -334,13 +371,19 @@ impl Config {
             }
         }
         if self.fraud.max_clicks_per_ip_per_second == 0 {
-            return invalid("fraud.max_clicks_per_ip_per_second", "must be at least 1".into());
+            return invalid(
+                "fraud.max_clicks_per_ip_per_second",
+                "must be at least 1".into(),
+            );
         }
         if self.log.click_partitions == 0 || self.log.click_partitions > 1024 {
             return invalid("log.click_partitions", "must be between 1 and 1024".into());
         }
         if self.log.verdict_partitions == 0 || self.log.verdict_partitions > 1024 {
-            return invalid("log.verdict_partitions", "must be between 1 and 1024".into());
+            return invalid(
+                "log.verdict_partitions",
+                "must be between 1 and 1024".into(),
+            );
         }
         if self.http.max_body_bytes < 1024 {
             return invalid("http.max_body_bytes", "must be at least 1024".into());
@@ -405,7 +448,10 @@ mod tests {
             path: path.clone(),
             source,
         })?;
-        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Config::load_with_env(Some(&path), move |var| {
             env.iter().find(|(k, _)| k == var).map(|(_, v)| v.clone())
         })
@@ -441,7 +487,10 @@ mod tests {
     fn env_overrides_file_and_names_bad_values() {
         let c = load(
             "workers = 3\n",
-            &[("CLICKAGG_WORKERS", "2"), ("CLICKAGG_ALLOWED_LATENESS", "45s")],
+            &[
+                ("CLICKAGG_WORKERS", "2"),
+                ("CLICKAGG_ALLOWED_LATENESS", "45s"),
+            ],
         )
         .expect("loads");
         assert_eq!(c.workers, 2);

@@ -6,9 +6,9 @@
 //! answers advertisers from the store.
 
 pub mod config;
+pub mod dataflow;
 #[path = "../dataflows/mod.rs"]
 pub mod dataflows;
-pub mod dataflow;
 pub mod loadgen;
 pub mod log;
 pub mod metrics;

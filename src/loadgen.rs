@@ -168,7 +168,12 @@ struct Client {
 }
 
 impl Client {
-    async fn admin_json(&self, method: reqwest::Method, path: &str, body: serde_json::Value) -> anyhow::Result<reqwest::StatusCode> {
+    async fn admin_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: serde_json::Value,
+    ) -> anyhow::Result<reqwest::StatusCode> {
         let r = self
             .http
             .request(method, format!("{}{path}", self.url))
@@ -191,7 +196,12 @@ impl Client {
         if !r.status().is_success() {
             bail!("minting impressions for ad {ad_id}: {}", r.status());
         }
-        Ok(r.json::<Minted>().await?.impressions.into_iter().map(|i| i.token).collect())
+        Ok(r.json::<Minted>()
+            .await?
+            .impressions
+            .into_iter()
+            .map(|i| i.token)
+            .collect())
     }
 }
 
@@ -199,7 +209,11 @@ impl Client {
 async fn create_catalog(client: &Client, o: &LoadgenOptions) -> anyhow::Result<()> {
     for a in 1..=o.advertisers {
         let status = client
-            .admin_json(reqwest::Method::POST, "/v1/advertisers", json!({ "advertiser_id": a, "name": format!("Advertiser {a}") }))
+            .admin_json(
+                reqwest::Method::POST,
+                "/v1/advertisers",
+                json!({ "advertiser_id": a, "name": format!("Advertiser {a}") }),
+            )
             .await?;
         if !status.is_success() && status != reqwest::StatusCode::CONFLICT {
             bail!("creating advertiser {a}: {status}");
@@ -258,8 +272,10 @@ pub async fn run(options: LoadgenOptions) -> anyhow::Result<LoadgenReport> {
             None => ProgressBar::new(options.duration.map_or(0, |d| d.as_secs() * options.rate)),
         };
         bar.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} clicks ({per_sec}) {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} clicks ({per_sec}) {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar
     } else {
@@ -275,7 +291,9 @@ pub async fn run(options: LoadgenOptions) -> anyhow::Result<LoadgenReport> {
     let mut carry = 0.0;
     loop {
         ticker.tick().await;
-        if options.duration.is_some_and(|d| started.elapsed() >= d) || options.clicks.is_some_and(|n| report.sent >= n) {
+        if options.duration.is_some_and(|d| started.elapsed() >= d)
+            || options.clicks.is_some_and(|n| report.sent >= n)
+        {
             break;
         }
         carry += per_slice;
@@ -312,8 +330,18 @@ pub async fn run(options: LoadgenOptions) -> anyhow::Result<LoadgenReport> {
                 } else {
                     now.saturating_sub(rng.random_range(0..2_000))
                 };
-                let ip = format!("10.{}.{}.{}", rng.random_range(0..256u32), rng.random_range(0..256u32), rng.random_range(1..255u32));
-                let sent = Sent { token, event_time, user, ip };
+                let ip = format!(
+                    "10.{}.{}.{}",
+                    rng.random_range(0..256u32),
+                    rng.random_range(0..256u32),
+                    rng.random_range(1..255u32)
+                );
+                let sent = Sent {
+                    token,
+                    event_time,
+                    user,
+                    ip,
+                };
                 if recent.len() < 10_000 {
                     recent.push(sent.clone());
                 } else {
@@ -341,15 +369,29 @@ pub async fn run(options: LoadgenOptions) -> anyhow::Result<LoadgenReport> {
         report.sent += batch.len() as u64;
         bar.inc(batch.len() as u64);
 
-        let (redirects, posts): (Vec<Sent>, Vec<Sent>) = batch.into_iter().partition(|_| rng.random_bool(options.redirect_rate));
+        let (redirects, posts): (Vec<Sent>, Vec<Sent>) = batch
+            .into_iter()
+            .partition(|_| rng.random_bool(options.redirect_rate));
         report.redirects += redirects.len() as u64;
         for r in redirects {
-            let (client, counters, permit) = (Arc::clone(&client), Arc::clone(&counters), Arc::clone(&in_flight).acquire_owned().await?);
+            let (client, counters, permit) = (
+                Arc::clone(&client),
+                Arc::clone(&counters),
+                Arc::clone(&in_flight).acquire_owned().await?,
+            );
             tasks.spawn(async move {
-                let result = client.http.get(format!("{}/c/{}", client.url, r.token)).send().await;
+                let result = client
+                    .http
+                    .get(format!("{}/c/{}", client.url, r.token))
+                    .send()
+                    .await;
                 match result {
-                    Ok(resp) if resp.status() == reqwest::StatusCode::FOUND => counters.accepted.fetch_add(1, Ordering::Relaxed),
-                    Ok(resp) if resp.status().is_client_error() => counters.rejected.fetch_add(1, Ordering::Relaxed),
+                    Ok(resp) if resp.status() == reqwest::StatusCode::FOUND => {
+                        counters.accepted.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Ok(resp) if resp.status().is_client_error() => {
+                        counters.rejected.fetch_add(1, Ordering::Relaxed)
+                    }
                     _ => counters.failed.fetch_add(1, Ordering::Relaxed),
                 };
                 drop(permit);
@@ -360,14 +402,25 @@ pub async fn run(options: LoadgenOptions) -> anyhow::Result<LoadgenReport> {
                 .iter()
                 .map(|c| json!({ "token": c.token, "event_time": c.event_time, "user_id": c.user, "ip": c.ip }))
                 .collect();
-            let (client, counters, permit) = (Arc::clone(&client), Arc::clone(&counters), Arc::clone(&in_flight).acquire_owned().await?);
+            let (client, counters, permit) = (
+                Arc::clone(&client),
+                Arc::clone(&counters),
+                Arc::clone(&in_flight).acquire_owned().await?,
+            );
             tasks.spawn(async move {
-                let result = client.http.post(format!("{}/v1/clicks", client.url)).json(&body).send().await;
+                let result = client
+                    .http
+                    .post(format!("{}/v1/clicks", client.url))
+                    .json(&body)
+                    .send()
+                    .await;
                 match result {
                     Ok(resp) if resp.status() == reqwest::StatusCode::ACCEPTED => {
                         if let Ok(a) = resp.json::<BatchAnswer>().await {
                             counters.accepted.fetch_add(a.accepted, Ordering::Relaxed);
-                            counters.rejected.fetch_add(a.rejected.len() as u64, Ordering::Relaxed);
+                            counters
+                                .rejected
+                                .fetch_add(a.rejected.len() as u64, Ordering::Relaxed);
                         }
                     }
                     _ => {
@@ -380,7 +433,11 @@ pub async fn run(options: LoadgenOptions) -> anyhow::Result<LoadgenReport> {
         while tasks.try_join_next().is_some() {}
         if !options.progress && last_log.elapsed() >= Duration::from_secs(10) {
             last_log = Instant::now();
-            tracing::info!(sent = report.sent, accepted = counters.accepted.load(Ordering::Relaxed), "loadgen progress");
+            tracing::info!(
+                sent = report.sent,
+                accepted = counters.accepted.load(Ordering::Relaxed),
+                "loadgen progress"
+            );
         }
     }
     while tasks.join_next().await.is_some() {}

@@ -10,7 +10,11 @@ use clickagg::config::Config;
 use clickagg::loadgen::LoadgenOptions;
 
 #[derive(Parser)]
-#[command(name = "clickagg", version, about = "Exactly-once ad-click aggregation on timely and differential dataflow")]
+#[command(
+    name = "clickagg",
+    version,
+    about = "Exactly-once ad-click aggregation on timely and differential dataflow"
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -127,21 +131,33 @@ struct LoadgenArgs {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
 }
 
-fn read_secret(data_dir: &std::path::Path, given: Option<String>, field: &str) -> anyhow::Result<String> {
+fn read_secret(
+    data_dir: &std::path::Path,
+    given: Option<String>,
+    field: &str,
+) -> anyhow::Result<String> {
     if let Some(key) = given {
         return Ok(key);
     }
     let path = clickagg::secrets::secrets_path(data_dir);
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("no --{} given and cannot read {}", field.replace('_', "-"), path.display()))?;
-    let table: toml::Table = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "no --{} given and cannot read {}",
+            field.replace('_', "-"),
+            path.display()
+        )
+    })?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     table
         .get(field)
         .and_then(|v| v.as_str())
@@ -151,7 +167,11 @@ fn read_secret(data_dir: &std::path::Path, given: Option<String>, field: &str) -
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { config, demo, demo_rate } => {
+        Command::Serve {
+            config,
+            demo,
+            demo_rate,
+        } => {
             let config = Config::load(config.as_deref())?;
             let demo = demo.then(|| LoadgenOptions {
                 rate: demo_rate,
@@ -167,7 +187,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 admin_key: read_secret(&a.data_dir, a.admin_key, "admin_key")?,
                 ad_server_key: read_secret(&a.data_dir, a.ad_server_key, "ad_server_key")?,
                 rate: a.rate,
-                duration: if a.clicks.is_some() { None } else { Some(a.duration) },
+                duration: if a.clicks.is_some() {
+                    None
+                } else {
+                    Some(a.duration)
+                },
                 clicks: a.clicks,
                 ads: a.ads,
                 advertisers: a.advertisers,
@@ -176,7 +200,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 late_rate: a.late_rate,
                 late_by: a.late_by,
                 redirect_rate: a.redirect_rate,
-                burst_every: if a.burst_every.is_zero() { Duration::MAX } else { a.burst_every },
+                burst_every: if a.burst_every.is_zero() {
+                    Duration::MAX
+                } else {
+                    a.burst_every
+                },
                 burst_size: a.burst_size,
                 seed: a.seed,
                 progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
@@ -189,8 +217,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command: ConfigCommand::Check { file },
         } => {
             let config = Config::load(file.as_deref())?;
-            println!("config ok: {}", file.as_deref().map_or("built-in defaults".into(), |p| p.display().to_string()));
-            println!("  horizon: {} (minimum {})", humantime::format_duration(Duration::from_millis(config.horizon_ms())), humantime::format_duration(config.min_horizon()));
+            println!(
+                "config ok: {}",
+                file.as_deref()
+                    .map_or("built-in defaults".into(), |p| p.display().to_string())
+            );
+            println!(
+                "  horizon: {} (minimum {})",
+                humantime::format_duration(Duration::from_millis(config.horizon_ms())),
+                humantime::format_duration(config.min_horizon())
+            );
             println!("  {config:#?}");
             Ok(())
         }
@@ -204,7 +240,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

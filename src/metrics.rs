@@ -81,27 +81,71 @@ impl Metrics {
             committed_frontier_ms: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("clicks_accepted", "Clicks acknowledged after they were durable", m.clicks_accepted.clone());
-        registry.register("clicks_rejected", "Clicks refused, by reason", m.clicks_rejected.clone());
-        registry.register("http_errors", "Requests answered with an error, by error code", m.http_errors.clone());
-        registry.register("http_requests", "Requests by route and status", m.http_requests.clone());
+        registry.register(
+            "clicks_accepted",
+            "Clicks acknowledged after they were durable",
+            m.clicks_accepted.clone(),
+        );
+        registry.register(
+            "clicks_rejected",
+            "Clicks refused, by reason",
+            m.clicks_rejected.clone(),
+        );
+        registry.register(
+            "http_errors",
+            "Requests answered with an error, by error code",
+            m.http_errors.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "Requests by route and status",
+            m.http_requests.clone(),
+        );
         registry.register(
             "http_request_seconds",
             "Request latency by route and status",
             m.http_request_seconds.clone(),
         );
-        registry.register("log_append_seconds", "Log append latency until durable", m.log_append_seconds.clone());
-        registry.register("impressions_issued", "Impressions minted", m.impressions_issued.clone());
-        registry.register("fraud_verdicts_accepted", "Fraud verdicts accepted", m.verdicts_accepted.clone());
+        registry.register(
+            "log_append_seconds",
+            "Log append latency until durable",
+            m.log_append_seconds.clone(),
+        );
+        registry.register(
+            "impressions_issued",
+            "Impressions minted",
+            m.impressions_issued.clone(),
+        );
+        registry.register(
+            "fraud_verdicts_accepted",
+            "Fraud verdicts accepted",
+            m.verdicts_accepted.clone(),
+        );
         registry.register(
             "log_records_undecodable",
             "Log records the dataflow could not decode and skipped",
             m.records_undecodable.clone(),
         );
-        registry.register("sink_commits", "Store transactions committed by the sink", m.sink_commits.clone());
-        registry.register("sink_commit_errors", "Failed sink commits, retried", m.sink_commit_errors.clone());
-        registry.register("sink_rows", "Rows written or deleted by the sink", m.sink_rows.clone());
-        registry.register("sink_commit_seconds", "Sink commit latency", m.sink_commit_seconds.clone());
+        registry.register(
+            "sink_commits",
+            "Store transactions committed by the sink",
+            m.sink_commits.clone(),
+        );
+        registry.register(
+            "sink_commit_errors",
+            "Failed sink commits, retried",
+            m.sink_commit_errors.clone(),
+        );
+        registry.register(
+            "sink_rows",
+            "Rows written or deleted by the sink",
+            m.sink_rows.clone(),
+        );
+        registry.register(
+            "sink_commit_seconds",
+            "Sink commit latency",
+            m.sink_commit_seconds.clone(),
+        );
         registry.register(
             "committed_frontier_ms",
             "The committed frontier (record time, ms since the epoch)",

@@ -183,8 +183,14 @@ mod tests {
         };
         let bytes = c.encode();
         assert_eq!(ClickEvent::decode(&bytes).expect("decodes"), c);
-        assert!(matches!(ClickEvent::decode(&[9, 1, 2]), Err(DecodeError::Version(Some(9)))));
-        assert!(matches!(ClickEvent::decode(&[]), Err(DecodeError::Version(None))));
+        assert!(matches!(
+            ClickEvent::decode(&[9, 1, 2]),
+            Err(DecodeError::Version(Some(9)))
+        ));
+        assert!(matches!(
+            ClickEvent::decode(&[]),
+            Err(DecodeError::Version(None))
+        ));
         assert!(ClickEvent::decode(&bytes[..5]).is_err());
     }
 

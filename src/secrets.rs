@@ -48,7 +48,8 @@ impl Secrets {
         let path = secrets_path(&config.data_dir);
         let stored: Option<Secrets> = match std::fs::read_to_string(&path) {
             Ok(text) => Some(
-                toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid secrets file {}: {e}", path.display()))?,
+                toml::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("invalid secrets file {}: {e}", path.display()))?,
             ),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
@@ -63,7 +64,11 @@ impl Secrets {
             write_private(&path, &toml::to_string(&generated)?)?;
         }
         let pick = |configured: &str, fallback: &str| {
-            if configured.is_empty() { fallback.to_owned() } else { configured.to_owned() }
+            if configured.is_empty() {
+                fallback.to_owned()
+            } else {
+                configured.to_owned()
+            }
         };
         Ok((
             Secrets {

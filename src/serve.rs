@@ -77,7 +77,10 @@ pub async fn shutdown_signal() {
 }
 
 /// Runs everything until Ctrl-C or SIGTERM; with `demo`, also a load generator.
-pub async fn run(config: Config, demo: Option<crate::loadgen::LoadgenOptions>) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    demo: Option<crate::loadgen::LoadgenOptions>,
+) -> anyhow::Result<()> {
     if config.log.kind != LogKind::Embedded || config.store.kind != StoreKind::Sqlite {
         bail!(
             "`clickagg serve` runs on the embedded log and SQLite (log.kind = \"embedded\", store.kind = \
@@ -121,16 +124,26 @@ pub async fn run(config: Config, demo: Option<crate::loadgen::LoadgenOptions>) -
         horizon_ms = config.horizon_ms(),
         "recovery point"
     );
-    let engine = Engine::start(Arc::clone(&log), Arc::clone(&store), engine_spec(&config, recovery), Arc::clone(&metrics))?;
+    let engine = Engine::start(
+        Arc::clone(&log),
+        Arc::clone(&store),
+        engine_spec(&config, recovery),
+        Arc::clone(&metrics),
+    )?;
 
     let ads = store.ads().context("loading the catalog")?;
     let state = AppState {
-        signer: TokenSigner::new(secrets.token_secret.as_bytes(), config.time.impression_ttl.as_millis() as u64),
+        signer: TokenSigner::new(
+            secrets.token_secret.as_bytes(),
+            config.time.impression_ttl.as_millis() as u64,
+        ),
         secrets: Arc::new(secrets),
         log,
         store,
         metrics,
-        ads: Arc::new(RwLock::new(ads.into_iter().map(|a| (a.ad_id, Arc::new(a))).collect())),
+        ads: Arc::new(RwLock::new(
+            ads.into_iter().map(|a| (a.ad_id, Arc::new(a))).collect(),
+        )),
         advertiser_keys: Arc::new(RwLock::new(HashMap::new())),
         catalog_writes: Arc::new(tokio::sync::Mutex::new(())),
         sink: Some(Arc::clone(&engine.status)),
@@ -176,7 +189,13 @@ fn print_banner(config: &Config, addr: &std::net::SocketAddr, secrets_path: &std
         "    ADMIN=$(sed -n 's/^admin_key = \"\\(.*\\)\"$/\\1/p' {})",
         secrets_path.display()
     );
-    println!("    curl -s -H \"Authorization: Bearer $ADMIN\" -X POST http://{addr}/v1/advertisers \\");
-    println!("         -H 'Content-Type: application/json' -d '{{\"advertiser_id\": 7, \"name\": \"Acme\"}}'");
-    println!("    curl -s -H \"Authorization: Bearer $ADMIN\" 'http://{addr}/v1/advertisers/7/clicks?granularity=1m'");
+    println!(
+        "    curl -s -H \"Authorization: Bearer $ADMIN\" -X POST http://{addr}/v1/advertisers \\"
+    );
+    println!(
+        "         -H 'Content-Type: application/json' -d '{{\"advertiser_id\": 7, \"name\": \"Acme\"}}'"
+    );
+    println!(
+        "    curl -s -H \"Authorization: Bearer $ADMIN\" 'http://{addr}/v1/advertisers/7/clicks?granularity=1m'"
+    );
 }

@@ -188,7 +188,10 @@ mod tests {
 
     #[test]
     fn granularities_align_down() {
-        assert_eq!(Granularity::FiveMinutes.align(1_700_000_123_456), 1_700_000_100_000);
+        assert_eq!(
+            Granularity::FiveMinutes.align(1_700_000_123_456),
+            1_700_000_100_000
+        );
         assert_eq!(Granularity::Day.align(86_400_000 * 3 + 5), 86_400_000 * 3);
         assert_eq!(Granularity::parse("1h"), Some(Granularity::Hour));
         assert_eq!(Granularity::parse("2h"), None);

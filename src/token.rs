@@ -85,7 +85,9 @@ impl TokenSigner {
         if token.len() > 4 * (FIXED_LEN + MAX_USER_ID + MAC_LEN) / 3 + 4 {
             return Err(TokenError::Malformed);
         }
-        let buf = URL_SAFE_NO_PAD.decode(token).map_err(|_| TokenError::Malformed)?;
+        let buf = URL_SAFE_NO_PAD
+            .decode(token)
+            .map_err(|_| TokenError::Malformed)?;
         if buf.len() < FIXED_LEN + MAC_LEN || buf[0] != VERSION {
             return Err(TokenError::Malformed);
         }
@@ -96,7 +98,8 @@ impl TokenSigner {
         let (body, tag) = buf.split_at(FIXED_LEN + user_len);
         let mut mac = self.mac.clone();
         mac.update(body);
-        mac.verify_truncated_left(tag).map_err(|_| TokenError::BadSignature)?;
+        mac.verify_truncated_left(tag)
+            .map_err(|_| TokenError::BadSignature)?;
 
         let u128_at = |i: usize| u128::from_be_bytes(body[i..i + 16].try_into().unwrap_or([0; 16]));
         let u64_at = |i: usize| u64::from_be_bytes(body[i..i + 8].try_into().unwrap_or([0; 8]));

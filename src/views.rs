@@ -162,7 +162,9 @@ pub struct ViewDef {
 
 impl std::fmt::Debug for ViewDef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ViewDef").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("ViewDef")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -187,7 +189,10 @@ impl ViewDef {
         if let Some(i) = self.key.iter().position(|c| c.name == name) {
             return Some((true, i));
         }
-        self.value.iter().position(|c| c.name == name).map(|i| (false, i))
+        self.value
+            .iter()
+            .position(|c| c.name == name)
+            .map(|i| (false, i))
     }
 
     /// The window start of a row's key.
@@ -201,8 +206,14 @@ impl ViewDef {
     /// Checks the declaration: names exist, types fit. Run by a unit test and at start.
     pub fn validate(&self) -> Result<(), String> {
         let name = self.name;
-        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
-            return Err(format!("view name {name:?} must be lowercase letters, digits and _"));
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(format!(
+                "view name {name:?} must be lowercase letters, digits and _"
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for c in self.key.iter().chain(self.value) {
@@ -212,7 +223,12 @@ impl ViewDef {
         }
         match self.window_index().map(|i| self.key[i].ty) {
             Some(ColumnType::Time) => {}
-            _ => return Err(format!("view {name}: window column {} must be a Time key column", self.window.column)),
+            _ => {
+                return Err(format!(
+                    "view {name}: window column {} must be a Time key column",
+                    self.window.column
+                ));
+            }
         }
         if self.window.length_ms == 0 {
             return Err(format!("view {name}: window length must be positive"));
@@ -222,17 +238,30 @@ impl ViewDef {
                 match self.column(c) {
                     Some((true, i)) if self.key[i].ty == ColumnType::Id => {}
                     Some((false, i)) if self.value[i].ty == ColumnType::Id => {}
-                    _ => return Err(format!("view {name}: rollup scope column {c} must be an Id column")),
+                    _ => {
+                        return Err(format!(
+                            "view {name}: rollup scope column {c} must be an Id column"
+                        ));
+                    }
                 }
             }
             for m in r.measures {
                 match self.column(m) {
                     Some((false, i)) if self.value[i].ty == ColumnType::Int => {}
-                    _ => return Err(format!("view {name}: rollup measure {m} must be an Int value column")),
+                    _ => {
+                        return Err(format!(
+                            "view {name}: rollup measure {m} must be an Int value column"
+                        ));
+                    }
                 }
             }
-            if r.granularities.iter().any(|g| g.ms() < self.window.length_ms || g.ms() % self.window.length_ms != 0) {
-                return Err(format!("view {name}: rollup granularities must be multiples of the window"));
+            if r.granularities
+                .iter()
+                .any(|g| g.ms() < self.window.length_ms || g.ms() % self.window.length_ms != 0)
+            {
+                return Err(format!(
+                    "view {name}: rollup granularities must be multiples of the window"
+                ));
             }
         }
         Ok(())
@@ -246,7 +275,11 @@ pub fn registry() -> &'static [ViewDef] {
 
 /// The longest window of any registered view: the horizon must cover it.
 pub fn longest_window_ms() -> u64 {
-    registry().iter().map(|v| v.window.length_ms).max().unwrap_or(0)
+    registry()
+        .iter()
+        .map(|v| v.window.length_ms)
+        .max()
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -94,14 +94,27 @@ pub fn classify<'s>(
     rules: Rules,
 ) -> VecCollection<'s, Time, ClassifiedClick> {
     let firsts = first_clicks(clicks, rules.lateness_ms);
-    let on_time = firsts.clone().filter(|(_, (on_time, _))| *on_time).map(|(imp, (_, c))| (imp, c));
-    let late = firsts.filter(|(_, (on_time, _))| !*on_time).map(|(_, (_, c))| c.classified(ClickClass::Late));
+    let on_time = firsts
+        .clone()
+        .filter(|(_, (on_time, _))| *on_time)
+        .map(|(imp, (_, c))| (imp, c));
+    let late = firsts
+        .filter(|(_, (on_time, _))| !*on_time)
+        .map(|(_, (_, c))| c.classified(ClickClass::Late));
 
     let flagged = verdicts
-        .concat(ip_bursts(on_time.clone(), rules.max_clicks_per_ip_per_second))
+        .concat(ip_bursts(
+            on_time.clone(),
+            rules.max_clicks_per_ip_per_second,
+        ))
         .distinct_total();
-    let fraud = on_time.clone().semijoin(flagged.clone()).map(|(_, c)| c.classified(ClickClass::Fraud));
-    let billable = on_time.antijoin(flagged).map(|(_, c)| c.classified(ClickClass::Billable));
+    let fraud = on_time
+        .clone()
+        .semijoin(flagged.clone())
+        .map(|(_, c)| c.classified(ClickClass::Fraud));
+    let billable = on_time
+        .antijoin(flagged)
+        .map(|(_, c)| c.classified(ClickClass::Billable));
 
     billable.concat(fraud).concat(late)
 }
@@ -111,24 +124,31 @@ fn first_clicks<'s>(
     clicks: VecCollection<'s, Time, Click>,
     lateness_ms: u64,
 ) -> VecCollection<'s, Time, (u128, (bool, Click))> {
-    clicks.map(|c| (c.impression_id, c)).reduce(move |_imp, copies, out| {
-        let earliest = |on_time_only: bool| {
-            copies
-                .iter()
-                .map(|(c, _)| *c)
-                .filter(|c| !on_time_only || c.on_time(lateness_ms))
-                .min_by(|a, b| (a.event_time_ms, &a.click_id).cmp(&(b.event_time_ms, &b.click_id)))
-        };
-        if let Some(c) = earliest(true) {
-            out.push(((true, c.clone()), 1));
-        } else if let Some(c) = earliest(false) {
-            out.push(((false, c.clone()), 1));
-        }
-    })
+    clicks
+        .map(|c| (c.impression_id, c))
+        .reduce(move |_imp, copies, out| {
+            let earliest = |on_time_only: bool| {
+                copies
+                    .iter()
+                    .map(|(c, _)| *c)
+                    .filter(|c| !on_time_only || c.on_time(lateness_ms))
+                    .min_by(|a, b| {
+                        (a.event_time_ms, &a.click_id).cmp(&(b.event_time_ms, &b.click_id))
+                    })
+            };
+            if let Some(c) = earliest(true) {
+                out.push(((true, c.clone()), 1));
+            } else if let Some(c) = earliest(false) {
+                out.push(((false, c.clone()), 1));
+            }
+        })
 }
 
 /// Impressions whose counted click shares its IP and second with more than `max` others'.
-fn ip_bursts<'s>(on_time: VecCollection<'s, Time, (u128, Click)>, max: u64) -> VecCollection<'s, Time, u128> {
+fn ip_bursts<'s>(
+    on_time: VecCollection<'s, Time, (u128, Click)>,
+    max: u64,
+) -> VecCollection<'s, Time, u128> {
     on_time
         .map(|(imp, c)| ((c.ip, c.event_time_ms / 1000), imp))
         .reduce(move |_ip_second, imps, out: &mut Vec<(u128, isize)>| {
@@ -141,7 +161,9 @@ fn ip_bursts<'s>(on_time: VecCollection<'s, Time, (u128, Click)>, max: u64) -> V
 }
 
 /// The catalog: the latest record of each ad (by log offset).
-pub fn latest_ads<'s>(records: VecCollection<'s, Time, (u64, AdRecord)>) -> VecCollection<'s, Time, (u64, AdRecord)> {
+pub fn latest_ads<'s>(
+    records: VecCollection<'s, Time, (u64, AdRecord)>,
+) -> VecCollection<'s, Time, (u64, AdRecord)> {
     records
         .map(|(offset, r)| (r.ad_id, (offset, r)))
         .reduce(|_ad, versions, out| {

@@ -1,6 +1,7 @@
 //! The dataflow: log source -> classify -> views -> click sink, on timely workers.
 
 pub mod classify;
+pub mod harness;
 pub mod sink;
 pub mod source;
 
@@ -23,7 +24,10 @@ use crate::time::{Finality, Tick, Time};
 use crate::views::{ViewDef, ViewInputs};
 
 /// The inputs every view reads, built from the source's events.
-pub fn view_inputs<'s>(events: VecCollection<'s, Time, SourceEvent>, rules: Rules) -> ViewInputs<'s> {
+pub fn view_inputs<'s>(
+    events: VecCollection<'s, Time, SourceEvent>,
+    rules: Rules,
+) -> ViewInputs<'s> {
     let clicks = events.clone().flat_map(|e| match e {
         SourceEvent::Click(c) => Some(c),
         _ => None,
@@ -43,7 +47,10 @@ pub fn view_inputs<'s>(events: VecCollection<'s, Time, SourceEvent>, rules: Rule
 }
 
 /// Every view's rows, tagged with the view's index, as one collection for the sink.
-pub fn view_records<'s>(inputs: &ViewInputs<'s>, views: &'static [ViewDef]) -> VecCollection<'s, Time, SinkRecord> {
+pub fn view_records<'s>(
+    inputs: &ViewInputs<'s>,
+    views: &'static [ViewDef],
+) -> VecCollection<'s, Time, SinkRecord> {
     let scope = inputs.classified.scope();
     let each = views.iter().enumerate().map(|(i, view)| {
         (view.build)(inputs).map(move |(key, value)| SinkRecord::Row {
@@ -56,7 +63,9 @@ pub fn view_records<'s>(inputs: &ViewInputs<'s>, views: &'static [ViewDef]) -> V
 }
 
 /// The source's position markers, for the sink.
-fn position_records<'s>(events: VecCollection<'s, Time, SourceEvent>) -> VecCollection<'s, Time, SinkRecord> {
+fn position_records<'s>(
+    events: VecCollection<'s, Time, SourceEvent>,
+) -> VecCollection<'s, Time, SinkRecord> {
     events.flat_map(|e| match e {
         SourceEvent::Position(p, pos) => Some(SinkRecord::Position(p, pos)),
         _ => None,
@@ -126,8 +135,13 @@ impl Engine {
         let shutdown = Arc::new(AtomicBool::new(false));
         let handoff = Arc::new(Handoff::default());
         let status = Arc::new(SinkStatus::new(spec.recovery.as_of));
-        let writer = spawn_writer(store, Arc::clone(&handoff), Arc::clone(&status), Arc::clone(&metrics))
-            .map_err(|e| EngineError(format!("sink writer thread: {e}")))?;
+        let writer = spawn_writer(
+            store,
+            Arc::clone(&handoff),
+            Arc::clone(&status),
+            Arc::clone(&metrics),
+        )
+        .map_err(|e| EngineError(format!("sink writer thread: {e}")))?;
 
         let starts = start_positions(&*log, &spec.recovery);
         tracing::info!(

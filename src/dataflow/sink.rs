@@ -157,60 +157,67 @@ pub fn click_sink(records: VecCollection<'_, Time, SinkRecord>, spec: SinkSpec) 
     let mut last_upper = as_of;
     let mut last_offer = Instant::now();
     let to_worker_zero = Exchange::new(|_: &(SinkRecord, Time, isize)| 0u64);
-    records.inner.sink(to_worker_zero, "ClickSink", move |(input, frontier)| {
-        input.for_each(|_, data| pending.append(data));
-        // An empty frontier means the dataflow is shutting down: what is in flight will
-        // be replayed on restart, so nothing is committed for it.
-        let Some(&upper) = frontier.frontier().as_option() else { return };
-        if upper <= last_upper {
-            return;
-        }
-        let (ready, later): (Vec<_>, Vec<_>) = pending.drain(..).partition(|(_, t, _)| *t < upper);
-        pending = later;
-
-        let mut rows: HashMap<(u16, Row), Vec<(Row, isize)>> = HashMap::new();
-        for (record, time, diff) in ready {
-            if time < as_of {
-                continue;
+    records
+        .inner
+        .sink(to_worker_zero, "ClickSink", move |(input, frontier)| {
+            input.for_each(|_, data| pending.append(data));
+            // An empty frontier means the dataflow is shutting down: what is in flight will
+            // be replayed on restart, so nothing is committed for it.
+            let Some(&upper) = frontier.frontier().as_option() else {
+                return;
+            };
+            if upper <= last_upper {
+                return;
             }
-            match record {
-                SinkRecord::Position(p, pos) => {
-                    let e = positions.entry(p).or_insert(pos);
-                    if pos.offset >= e.offset {
-                        *e = pos;
+            let (ready, later): (Vec<_>, Vec<_>) =
+                pending.drain(..).partition(|(_, t, _)| *t < upper);
+            pending = later;
+
+            let mut rows: HashMap<(u16, Row), Vec<(Row, isize)>> = HashMap::new();
+            for (record, time, diff) in ready {
+                if time < as_of {
+                    continue;
+                }
+                match record {
+                    SinkRecord::Position(p, pos) => {
+                        let e = positions.entry(p).or_insert(pos);
+                        if pos.offset >= e.offset {
+                            *e = pos;
+                        }
+                    }
+                    SinkRecord::Row { view, key, value } => {
+                        let Some(def) = views.get(view as usize) else {
+                            continue;
+                        };
+                        let final_at = def
+                            .window_start(&key)
+                            .map(|w| finality.final_at(w, def.window.length_ms))
+                            .unwrap_or(Time::MAX);
+                        if time >= final_at {
+                            continue;
+                        }
+                        rows.entry((view, key)).or_default().push((value, diff));
                     }
                 }
-                SinkRecord::Row { view, key, value } => {
-                    let Some(def) = views.get(view as usize) else { continue };
-                    let final_at = def
-                        .window_start(&key)
-                        .map(|w| finality.final_at(w, def.window.length_ms))
-                        .unwrap_or(Time::MAX);
-                    if time >= final_at {
-                        continue;
-                    }
-                    rows.entry((view, key)).or_default().push((value, diff));
+            }
+            last_upper = upper;
+
+            let mut changes: Vec<ViewChanges> = vec![ViewChanges::new(); views.len()];
+            for ((view, key), updates) in rows {
+                if let Some(change) = absolute_value(views[view as usize].name, &key, updates) {
+                    changes[view as usize].insert(key, change);
                 }
             }
-        }
-        last_upper = upper;
-
-        let mut changes: Vec<ViewChanges> = vec![ViewChanges::new(); views.len()];
-        for ((view, key), updates) in rows {
-            if let Some(change) = absolute_value(views[view as usize].name, &key, updates) {
-                changes[view as usize].insert(key, change);
+            let changed = changes.iter().any(|c| !c.is_empty());
+            if changed || last_offer.elapsed() >= idle_commit_interval {
+                last_offer = Instant::now();
+                handoff.offer(ChangeBatch {
+                    upper,
+                    views: changes,
+                    positions: positions.clone(),
+                });
             }
-        }
-        let changed = changes.iter().any(|c| !c.is_empty());
-        if changed || last_offer.elapsed() >= idle_commit_interval {
-            last_offer = Instant::now();
-            handoff.offer(ChangeBatch {
-                upper,
-                views: changes,
-                positions: positions.clone(),
-            });
-        }
-    });
+        });
 }
 
 /// The new absolute value of a key from its consolidated updates: the value left with a
@@ -279,11 +286,18 @@ mod tests {
     fn absolute_values_follow_the_positive_update() {
         let k = vec![Datum::Id(1)];
         let v = |n| vec![Datum::Int(n)];
-        assert_eq!(absolute_value("t", &k, vec![(v(1), -1), (v(2), 1)]), Some(Some(v(2))));
+        assert_eq!(
+            absolute_value("t", &k, vec![(v(1), -1), (v(2), 1)]),
+            Some(Some(v(2)))
+        );
         assert_eq!(absolute_value("t", &k, vec![(v(1), -1)]), Some(None));
         assert_eq!(absolute_value("t", &k, vec![(v(1), -1), (v(1), 1)]), None);
         assert_eq!(
-            absolute_value("t", &k, vec![(v(1), 1), (v(1), -1), (v(2), 1), (v(2), -1), (v(3), 1)]),
+            absolute_value(
+                "t",
+                &k,
+                vec![(v(1), 1), (v(1), -1), (v(2), 1), (v(2), -1), (v(3), 1)]
+            ),
             Some(Some(v(3)))
         );
     }

@@ -58,7 +58,10 @@ pub struct SourceSpec {
 }
 
 /// The log's records as one collection of [`SourceEvent`]s.
-pub fn log_source<'s>(scope: Scope<'s, Time>, spec: SourceSpec) -> VecCollection<'s, Time, SourceEvent> {
+pub fn log_source<'s>(
+    scope: Scope<'s, Time>,
+    spec: SourceSpec,
+) -> VecCollection<'s, Time, SourceEvent> {
     source::<_, CapacityContainerBuilder<Vec<(SourceEvent, Time, isize)>>, _, _>(scope, "LogSource", |cap, info| {
         let activator = scope.worker().sync_activator_for(info.address.to_vec());
         let (tx, rx) = crossbeam_channel::bounded::<Vec<PartitionBatch>>(16);
@@ -145,13 +148,23 @@ pub fn log_source<'s>(scope: Scope<'s, Time>, spec: SourceSpec) -> VecCollection
     .as_collection()
 }
 
-fn decode(topic: Topic, offset: u64, record_time_ms: u64, payload: &[u8], ttl_ms: u64) -> Option<SourceEvent> {
+fn decode(
+    topic: Topic,
+    offset: u64,
+    record_time_ms: u64,
+    payload: &[u8],
+    ttl_ms: u64,
+) -> Option<SourceEvent> {
     match topic {
         Topic::Clicks => ClickEvent::decode(payload)
             .ok()
             .map(|e| SourceEvent::Click(Click::from_event(e, record_time_ms, ttl_ms))),
-        Topic::FraudVerdicts => FraudVerdict::decode(payload).ok().map(|v| SourceEvent::Verdict(v.impression_id)),
-        Topic::Ads => AdRecord::decode(payload).ok().map(|r| SourceEvent::Ad(offset, r)),
+        Topic::FraudVerdicts => FraudVerdict::decode(payload)
+            .ok()
+            .map(|v| SourceEvent::Verdict(v.impression_id)),
+        Topic::Ads => AdRecord::decode(payload)
+            .ok()
+            .map(|r| SourceEvent::Ad(offset, r)),
     }
 }
 

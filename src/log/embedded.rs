@@ -15,7 +15,10 @@ use parking_lot::{Condvar, Mutex};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
-use super::{AppendFuture, AppendRecord, Appended, Log, LogError, LogPosition, LogReader, LogRecord, PartitionBatch};
+use super::{
+    AppendFuture, AppendRecord, Appended, Log, LogError, LogPosition, LogReader, LogRecord,
+    PartitionBatch,
+};
 use crate::record::{PartitionId, Topic};
 use crate::time::{Millis, now_ms};
 
@@ -81,7 +84,8 @@ pub struct EmbeddedLog {
 impl EmbeddedLog {
     /// Opens (or creates) the log in `dir/log.db` and starts its writer thread.
     pub fn open(dir: &Path, options: EmbeddedLogOptions) -> Result<EmbeddedLog, LogError> {
-        std::fs::create_dir_all(dir).map_err(|e| unavailable(&format!("create {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| unavailable(&format!("create {}", dir.display()), e))?;
         let path = dir.join("log.db");
         let conn = open_conn(&path, false)?;
         conn.execute_batch(
@@ -102,13 +106,18 @@ impl EmbeddedLog {
             let key = format!("partitions_{}", topic.name());
             let want = partitions[topic.code() as usize];
             let have: Option<i64> = conn
-                .query_row("SELECT value FROM log_meta WHERE key = ?1", [&key], |r| r.get(0))
+                .query_row("SELECT value FROM log_meta WHERE key = ?1", [&key], |r| {
+                    r.get(0)
+                })
                 .optional()
                 .map_err(|e| unavailable("read log metadata", e))?;
             match have {
                 None => {
-                    conn.execute("INSERT INTO log_meta (key, value) VALUES (?1, ?2)", params![key, want])
-                        .map_err(|e| unavailable("write log metadata", e))?;
+                    conn.execute(
+                        "INSERT INTO log_meta (key, value) VALUES (?1, ?2)",
+                        params![key, want],
+                    )
+                    .map_err(|e| unavailable("write log metadata", e))?;
                 }
                 Some(have) if have != i64::from(want) => {
                     return Err(LogError::Inconsistent(format!(
@@ -171,7 +180,10 @@ impl Log for EmbeddedLog {
         })
     }
 
-    fn reader(&self, start: Vec<(PartitionId, LogPosition)>) -> Result<Box<dyn LogReader>, LogError> {
+    fn reader(
+        &self,
+        start: Vec<(PartitionId, LogPosition)>,
+    ) -> Result<Box<dyn LogReader>, LogError> {
         Ok(Box::new(EmbeddedReader {
             conn: open_conn(&self.path, true)?,
             parts: start,
@@ -191,7 +203,10 @@ impl Log for EmbeddedLog {
                         |r| r.get(0),
                     )
                     .map_err(|e| unavailable("read end offsets", e))?;
-                out.push((PartitionId { topic, partition }, max.map_or(0, |m| m as u64 + 1)));
+                out.push((
+                    PartitionId { topic, partition },
+                    max.map_or(0, |m| m as u64 + 1),
+                ));
             }
         }
         Ok(out)
@@ -216,10 +231,12 @@ fn open_conn(path: &Path, read_only: bool) -> Result<Connection, LogError> {
     let flags = if read_only {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
     } else {
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
     };
-    let conn =
-        Connection::open_with_flags(path, flags).map_err(|e| unavailable(&format!("open {}", path.display()), e))?;
+    let conn = Connection::open_with_flags(path, flags)
+        .map_err(|e| unavailable(&format!("open {}", path.display()), e))?;
     conn.busy_timeout(Duration::from_secs(5))
         .map_err(|e| unavailable("set busy timeout", e))?;
     if !read_only {
@@ -240,13 +257,18 @@ struct Writer {
 
 impl Writer {
     fn new(conn: Connection, partitions: [u32; 3]) -> Result<Writer, LogError> {
-        let mut next_offset: Vec<Vec<u64>> = partitions.iter().map(|&n| vec![0; n as usize]).collect();
+        let mut next_offset: Vec<Vec<u64>> =
+            partitions.iter().map(|&n| vec![0; n as usize]).collect();
         {
             let mut stmt = conn
-                .prepare("SELECT topic, partition, max(offset) FROM records GROUP BY topic, partition")
+                .prepare(
+                    "SELECT topic, partition, max(offset) FROM records GROUP BY topic, partition",
+                )
                 .map_err(|e| unavailable("read log ends", e))?;
             let rows = stmt
-                .query_map([], |r| Ok((r.get::<_, u8>(0)?, r.get::<_, u32>(1)?, r.get::<_, i64>(2)?)))
+                .query_map([], |r| {
+                    Ok((r.get::<_, u8>(0)?, r.get::<_, u32>(1)?, r.get::<_, i64>(2)?))
+                })
                 .map_err(|e| unavailable("read log ends", e))?;
             for row in rows {
                 let (topic, partition, max) = row.map_err(|e| unavailable("read log ends", e))?;
@@ -254,7 +276,9 @@ impl Writer {
                     .get_mut(topic as usize)
                     .and_then(|t| t.get_mut(partition as usize))
                     .ok_or_else(|| {
-                        LogError::Inconsistent(format!("log holds records of unknown partition {topic}/{partition}"))
+                        LogError::Inconsistent(format!(
+                            "log holds records of unknown partition {topic}/{partition}"
+                        ))
                     })?;
                 *slot = max as u64 + 1;
             }
@@ -263,7 +287,11 @@ impl Writer {
             .query_row("SELECT max(record_time_ms) FROM records", [], |r| r.get(0))
             .map_err(|e| unavailable("read log times", e))?;
         let watermark: Option<i64> = conn
-            .query_row("SELECT value FROM log_meta WHERE key = 'watermark_ms'", [], |r| r.get(0))
+            .query_row(
+                "SELECT value FROM log_meta WHERE key = 'watermark_ms'",
+                [],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(|e| unavailable("read watermark", e))?;
         let last_time = max_record.unwrap_or(0).max(watermark.unwrap_or(0)) as Millis;
@@ -334,8 +362,16 @@ impl Writer {
                 let slot = next
                     .get_mut(p.topic.code() as usize)
                     .and_then(|t| t.get_mut(p.partition as usize))
-                    .ok_or(rusqlite::Error::InvalidParameterName(format!("no partition {p}")))?;
-                insert.execute(params![p.topic.code(), p.partition, *slot as i64, time as i64, record.payload])?;
+                    .ok_or(rusqlite::Error::InvalidParameterName(format!(
+                        "no partition {p}"
+                    )))?;
+                insert.execute(params![
+                    p.topic.code(),
+                    p.partition,
+                    *slot as i64,
+                    time as i64,
+                    record.payload
+                ])?;
                 appended.push(Appended {
                     partition: p,
                     offset: *slot,
@@ -374,11 +410,20 @@ impl EmbeddedReader {
                  WHERE topic = ?1 AND partition = ?2 AND offset >= ?3 ORDER BY offset LIMIT ?4",
             )?;
             let watermark: Option<i64> = tx
-                .query_row("SELECT value FROM log_meta WHERE key = 'watermark_ms'", [], |r| r.get(0))
+                .query_row(
+                    "SELECT value FROM log_meta WHERE key = 'watermark_ms'",
+                    [],
+                    |r| r.get(0),
+                )
                 .optional()?;
             for (partition, pos) in &mut self.parts {
                 let rows = select.query_map(
-                    params![partition.topic.code(), partition.partition, pos.offset as i64, READ_BATCH as i64],
+                    params![
+                        partition.topic.code(),
+                        partition.partition,
+                        pos.offset as i64,
+                        READ_BATCH as i64
+                    ],
                     |r| {
                         Ok(LogRecord {
                             offset: r.get::<_, i64>(0)? as u64,
@@ -398,7 +443,11 @@ impl EmbeddedReader {
                     partition: *partition,
                     records,
                     next: *pos,
-                    idle_until_ms: if caught_up { watermark.map(|w| w as u64) } else { None },
+                    idle_until_ms: if caught_up {
+                        watermark.map(|w| w as u64)
+                    } else {
+                        None
+                    },
                 });
             }
         }
@@ -410,12 +459,16 @@ impl EmbeddedReader {
 impl LogReader for EmbeddedReader {
     fn poll(&mut self, max_wait: Duration) -> Result<Vec<PartitionBatch>, LogError> {
         let seen = self.commits.current();
-        let (batches, any) = self.read_snapshot().map_err(|e| unavailable("read log", e))?;
+        let (batches, any) = self
+            .read_snapshot()
+            .map_err(|e| unavailable("read log", e))?;
         if any {
             return Ok(batches);
         }
         self.commits.wait_past(seen, max_wait);
-        let (batches, _) = self.read_snapshot().map_err(|e| unavailable("read log", e))?;
+        let (batches, _) = self
+            .read_snapshot()
+            .map_err(|e| unavailable("read log", e))?;
         Ok(batches)
     }
 }
@@ -448,7 +501,10 @@ mod tests {
                 payload: b.to_vec(),
             })
             .collect();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
         rt.block_on(log.append(records)).expect("append")
     }
 
@@ -469,14 +525,23 @@ mod tests {
         assert!(c[0].record_time_ms >= first, "record times never go back");
 
         let mut reader = log
-            .reader(vec![(part(0), LogPosition::default()), (part(1), LogPosition::default())])
+            .reader(vec![
+                (part(0), LogPosition::default()),
+                (part(1), LogPosition::default()),
+            ])
             .expect("reader");
         let batches = reader.poll(Duration::from_millis(10)).expect("poll");
-        let p0: Vec<&[u8]> = batches[0].records.iter().map(|r| r.payload.as_slice()).collect();
+        let p0: Vec<&[u8]> = batches[0]
+            .records
+            .iter()
+            .map(|r| r.payload.as_slice())
+            .collect();
         assert_eq!(p0, vec![b"a" as &[u8], b"b", b"d"]);
         assert_eq!(batches[0].next.offset, 3);
         assert_eq!(batches[1].records.len(), 1);
-        let w = batches[0].idle_until_ms.expect("caught up readers see the watermark");
+        let w = batches[0]
+            .idle_until_ms
+            .expect("caught up readers see the watermark");
         assert!(w >= c[0].record_time_ms);
         assert_eq!(
             log.end_offsets().expect("ends")[..2],
@@ -489,11 +554,20 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let log = EmbeddedLog::open(dir.path(), options()).expect("open");
         append(&log, 0, &[b"x"]);
-        let mut reader = log.reader(vec![(part(0), LogPosition::default())]).expect("reader");
-        let w1 = reader.poll(Duration::from_millis(10)).expect("poll")[0].idle_until_ms.expect("w");
+        let mut reader = log
+            .reader(vec![(part(0), LogPosition::default())])
+            .expect("reader");
+        let w1 = reader.poll(Duration::from_millis(10)).expect("poll")[0]
+            .idle_until_ms
+            .expect("w");
         std::thread::sleep(Duration::from_millis(50));
-        let w2 = reader.poll(Duration::from_millis(100)).expect("poll")[0].idle_until_ms.expect("w");
-        assert!(w2 > w1, "an idle log still advances its watermark ({w1} -> {w2})");
+        let w2 = reader.poll(Duration::from_millis(100)).expect("poll")[0]
+            .idle_until_ms
+            .expect("w");
+        assert!(
+            w2 > w1,
+            "an idle log still advances its watermark ({w1} -> {w2})"
+        );
     }
 
     #[test]

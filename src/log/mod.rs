@@ -14,7 +14,9 @@ use crate::record::{PartitionId, Topic};
 use crate::time::Millis;
 
 /// Where a reader resumes in one partition.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct LogPosition {
     /// The next offset to read.
     pub offset: u64,
@@ -98,7 +100,10 @@ pub trait Log: Send + Sync + 'static {
     fn append(&self, records: Vec<AppendRecord>) -> AppendFuture;
 
     /// A reader over `start` positions, for one dataflow worker.
-    fn reader(&self, start: Vec<(PartitionId, LogPosition)>) -> Result<Box<dyn LogReader>, LogError>;
+    fn reader(
+        &self,
+        start: Vec<(PartitionId, LogPosition)>,
+    ) -> Result<Box<dyn LogReader>, LogError>;
 
     /// The next offset of every partition.
     fn end_offsets(&self) -> Result<Vec<(PartitionId, u64)>, LogError>;
@@ -117,7 +122,9 @@ pub trait LogReader: Send {
 pub fn all_partitions(log: &dyn Log) -> Vec<PartitionId> {
     Topic::ALL
         .into_iter()
-        .flat_map(|topic| (0..log.partitions(topic)).map(move |partition| PartitionId { topic, partition }))
+        .flat_map(|topic| {
+            (0..log.partitions(topic)).map(move |partition| PartitionId { topic, partition })
+        })
         .collect()
 }
 

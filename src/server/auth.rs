@@ -37,7 +37,9 @@ impl Caller {
         match self {
             Caller::Admin | Caller::AdServer => Ok(()),
             Caller::Anonymous => Err(ApiError::unauthorized("the ad-server key is required")),
-            Caller::Advertiser(_) => Err(ApiError::forbidden("this operation needs the ad-server key")),
+            Caller::Advertiser(_) => Err(ApiError::forbidden(
+                "this operation needs the ad-server key",
+            )),
         }
     }
 

@@ -50,7 +50,11 @@ pub async fn create_advertiser(
 ) -> Result<(StatusCode, Json<CreatedAdvertiser>), ApiError> {
     caller.require_admin()?;
     if body.name.trim().is_empty() || body.name.len() > 256 {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", "name must be 1 to 256 bytes"));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "name must be 1 to 256 bytes",
+        ));
     }
     let api_key = generate_key("ckv_");
     let hash = hash_key(&api_key);
@@ -59,13 +63,21 @@ pub async fn create_advertiser(
     blocking(move || store.create_advertiser(id, &body.name, &hash))
         .await
         .map_err(|e| match e.status {
-            StatusCode::CONFLICT => {
-                ApiError::new(StatusCode::CONFLICT, "advertiser_exists", format!("advertiser {id} already exists"))
-            }
+            StatusCode::CONFLICT => ApiError::new(
+                StatusCode::CONFLICT,
+                "advertiser_exists",
+                format!("advertiser {id} already exists"),
+            ),
             _ => e,
         })?;
     state.advertiser_keys.write().insert(hash, id);
-    Ok((StatusCode::CREATED, Json(CreatedAdvertiser { advertiser_id: id, api_key })))
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedAdvertiser {
+            advertiser_id: id,
+            api_key,
+        }),
+    ))
 }
 
 /// `PUT /v1/ads/{ad_id}`.
@@ -84,7 +96,11 @@ pub struct AdIn {
 
 fn check_landing_url(url: &str) -> Result<(), ApiError> {
     let invalid = |why: &str| {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_landing_url", format!("landing_url {why}"))
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_landing_url",
+            format!("landing_url {why}"),
+        )
     };
     let parsed = reqwest::Url::parse(url).map_err(|e| invalid(&format!("is not a URL: {e}")))?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
@@ -120,14 +136,20 @@ pub async fn put_ad(
         cpc_micros: body.cpc_micros,
     };
     let reference = |e: ApiError| match e.status {
-        StatusCode::NOT_FOUND => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown_advertiser", e.message),
+        StatusCode::NOT_FOUND => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_advertiser",
+            e.message,
+        ),
         _ => e,
     };
     // The dataflow learns the catalog from the log and the click path from the store:
     // log first, so no click can be accepted for an ad the dataflow has not seen.
     let _serial = state.catalog_writes.lock().await;
     let (store, checked) = (state.store.clone(), ad.clone());
-    blocking(move || store.check_ad(&checked)).await.map_err(reference)?;
+    blocking(move || store.check_ad(&checked))
+        .await
+        .map_err(reference)?;
     let record = AdRecord {
         ad_id,
         campaign_id: ad.campaign_id,
@@ -141,8 +163,13 @@ pub async fn put_ad(
         }])
         .await?;
     let (store, stored) = (state.store.clone(), ad.clone());
-    let outcome = blocking(move || store.upsert_ad(&stored)).await.map_err(reference)?;
-    state.ads.write().insert(ad_id, std::sync::Arc::new(ad.clone()));
+    let outcome = blocking(move || store.upsert_ad(&stored))
+        .await
+        .map_err(reference)?;
+    state
+        .ads
+        .write()
+        .insert(ad_id, std::sync::Arc::new(ad.clone()));
     let status = match outcome {
         Upserted::Created => StatusCode::CREATED,
         Upserted::Updated => StatusCode::OK,
@@ -151,11 +178,16 @@ pub async fn put_ad(
 }
 
 /// `GET /v1/ads/{ad_id}`: the admin or the owner.
-pub async fn get_ad(State(state): State<AppState>, caller: Caller, Path(ad_id): Path<u64>) -> Result<Json<Ad>, ApiError> {
+pub async fn get_ad(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(ad_id): Path<u64>,
+) -> Result<Json<Ad>, ApiError> {
     let store = state.store.clone();
     let ad = blocking(move || store.ad(ad_id)).await?;
     caller.require_reader_of(ad.as_ref().map(|a| a.advertiser_id), &format!("ad {ad_id}"))?;
-    ad.map(Json).ok_or_else(|| ApiError::not_found(format!("ad {ad_id}")))
+    ad.map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("ad {ad_id}")))
 }
 
 /// `POST /v1/impressions`.
@@ -208,7 +240,11 @@ pub async fn impressions(
         ));
     }
     if state.ad(body.ad_id).await?.is_none() {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_ad", format!("ad {} does not exist", body.ad_id)));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_ad",
+            format!("ad {} does not exist", body.ad_id),
+        ));
     }
     let now = now_ms();
     let mut rng = rand::rng();
@@ -260,7 +296,10 @@ pub async fn fraud_verdicts(
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "batch_too_large",
-            format!("{} verdicts in one request; at most {MAX_VERDICTS}", body.len()),
+            format!(
+                "{} verdicts in one request; at most {MAX_VERDICTS}",
+                body.len()
+            ),
         ));
     }
     let partitions = state.log.partitions(Topic::FraudVerdicts);
@@ -287,5 +326,8 @@ pub async fn fraud_verdicts(
         state.log.append(records).await?;
     }
     state.metrics.verdicts_accepted.inc_by(n as u64);
-    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "accepted": n }))))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "accepted": n })),
+    ))
 }

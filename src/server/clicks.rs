@@ -27,12 +27,19 @@ const MAX_ID_LEN: usize = 128;
 
 /// A generated click id: 128 random bits, hex.
 fn new_click_id() -> String {
-    format!("{:032x}", rand::rng().next_u64() as u128 | ((rand::rng().next_u64() as u128) << 64))
+    format!(
+        "{:032x}",
+        rand::rng().next_u64() as u128 | ((rand::rng().next_u64() as u128) << 64)
+    )
 }
 
 fn token_error(e: TokenError) -> ApiError {
     match e {
-        TokenError::Expired => ApiError::new(StatusCode::GONE, "expired_token", "the impression token has expired"),
+        TokenError::Expired => ApiError::new(
+            StatusCode::GONE,
+            "expired_token",
+            "the impression token has expired",
+        ),
         TokenError::Malformed | TokenError::BadSignature => {
             ApiError::bad_request("bad_token", "the impression token is not valid")
         }
@@ -55,7 +62,10 @@ fn client_ip(headers: &HeaderMap, peer: SocketAddr, trust_forwarded_for: bool) -
 }
 
 /// Appends clicks and waits until they are durable.
-async fn append_clicks(state: &AppState, clicks: &[(ClickEvent, Arc<Ad>)]) -> Result<Vec<Appended>, ApiError> {
+async fn append_clicks(
+    state: &AppState,
+    clicks: &[(ClickEvent, Arc<Ad>)],
+) -> Result<Vec<Appended>, ApiError> {
     if clicks.is_empty() {
         return Ok(Vec::new());
     }
@@ -69,7 +79,10 @@ async fn append_clicks(state: &AppState, clicks: &[(ClickEvent, Arc<Ad>)]) -> Re
         .collect();
     let started = Instant::now();
     let result = state.log.append(records).await;
-    state.metrics.log_append_seconds.observe(started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .log_append_seconds
+        .observe(started.elapsed().as_secs_f64());
     result.map_err(|e| {
         tracing::warn!(error = %e, clicks = clicks.len(), "clicks not acknowledged");
         ApiError::from(e)
@@ -77,12 +90,19 @@ async fn append_clicks(state: &AppState, clicks: &[(ClickEvent, Arc<Ad>)]) -> Re
 }
 
 /// Checks a token and finds its ad, counting rejections.
-async fn resolve(state: &AppState, token: &str, now: Millis) -> Result<(Impression, Arc<Ad>), ApiError> {
+async fn resolve(
+    state: &AppState,
+    token: &str,
+    now: Millis,
+) -> Result<(Impression, Arc<Ad>), ApiError> {
     let imp = state.signer.verify(token, now).map_err(token_error)?;
-    let ad = state
-        .ad(imp.ad_id)
-        .await?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_ad", format!("ad {} does not exist", imp.ad_id)))?;
+    let ad = state.ad(imp.ad_id).await?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_ad",
+            format!("ad {} does not exist", imp.ad_id),
+        )
+    })?;
     Ok((imp, ad))
 }
 
@@ -114,10 +134,14 @@ pub async fn redirect(
     let landing = ad.landing_url.clone();
     append_clicks(&state, &[(click, ad)]).await?;
     state.metrics.clicks_accepted.inc();
-    let location = HeaderValue::from_str(&landing).map_err(|_| ApiError::internal("stored landing URL is not a valid header"))?;
+    let location = HeaderValue::from_str(&landing)
+        .map_err(|_| ApiError::internal("stored landing URL is not a valid header"))?;
     Ok((
         StatusCode::FOUND,
-        [(header::LOCATION, location), (header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+        [
+            (header::LOCATION, location),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
     )
         .into_response())
 }
@@ -250,7 +274,12 @@ pub async fn batch(
     let items = match body {
         serde_json::Value::Array(items) => items,
         obj @ serde_json::Value::Object(_) => vec![obj],
-        _ => return Err(ApiError::bad_request("invalid_request", "expected a click object or an array of them")),
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                "expected a click object or an array of them",
+            ));
+        }
     };
     if items.len() > MAX_BATCH {
         return Err(ApiError::new(

@@ -50,7 +50,11 @@ impl ApiError {
 
     /// 404 `not_found`: also what a tenant gets for another tenant's objects.
     pub fn not_found(what: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("{} not found", what.into()))
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{} not found", what.into()),
+        )
     }
 
     /// 401 `unauthorized`.
@@ -64,7 +68,11 @@ impl ApiError {
     }
 
     /// 503 with `Retry-After`.
-    pub fn unavailable(code: &'static str, message: impl Into<String>, retry_after: u32) -> ApiError {
+    pub fn unavailable(
+        code: &'static str,
+        message: impl Into<String>,
+        retry_after: u32,
+    ) -> ApiError {
         ApiError {
             retry_after: Some(retry_after),
             ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
@@ -112,7 +120,9 @@ impl IntoResponse for ApiError {
         )
             .into_response();
         if let Some(secs) = self.retry_after {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response.extensions_mut().insert(ErrorCode(self.code));
         response

@@ -24,7 +24,11 @@ pub async fn read_json_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<
     }
     Bytes::from_request(req, state).await.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body is too large")
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "request body is too large",
+            )
         } else {
             ApiError::bad_request("unreadable_body", rejection.body_text())
         }
@@ -34,7 +38,11 @@ pub async fn read_json_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<
 /// Parses JSON, telling malformed text from a well-formed body of the wrong shape.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", e.to_string()),
+        serde_json::error::Category::Data => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            e.to_string(),
+        ),
         _ => ApiError::bad_request("malformed_json", e.to_string()),
     })
 }

@@ -121,7 +121,11 @@ async fn not_found() -> ApiError {
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this path")
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this path",
+    )
 }
 
 /// The whole API.
@@ -137,9 +141,18 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/fraud-verdicts", post(catalog::fraud_verdicts))
         .route("/v1/ads/{ad_id}/clicks", get(query::ad_clicks))
         .route("/v1/ads/{ad_id}/late-clicks", get(query::ad_late_clicks))
-        .route("/v1/campaigns/{campaign_id}/clicks", get(query::campaign_clicks))
-        .route("/v1/advertisers/{advertiser_id}/clicks", get(query::advertiser_clicks))
-        .route("/v1/advertisers/{advertiser_id}/top-ads", get(query::top_ads))
+        .route(
+            "/v1/campaigns/{campaign_id}/clicks",
+            get(query::campaign_clicks),
+        )
+        .route(
+            "/v1/advertisers/{advertiser_id}/clicks",
+            get(query::advertiser_clicks),
+        )
+        .route(
+            "/v1/advertisers/{advertiser_id}/top-ads",
+            get(query::top_ads),
+        )
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
@@ -157,7 +170,10 @@ pub async fn serve(
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }

@@ -25,7 +25,11 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Va
     .await?;
     if let Some(sink) = &state.sink {
         if let Some(e) = sink.last_error() {
-            return Err(ApiError::unavailable("sink_failing", format!("sink commits failing: {e}"), 2));
+            return Err(ApiError::unavailable(
+                "sink_failing",
+                format!("sink commits failing: {e}"),
+                2,
+            ));
         }
         if !sink.recovered() {
             return Err(ApiError::unavailable(
@@ -44,7 +48,10 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Va
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.render(),
     )
 }

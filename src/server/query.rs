@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::clicks::TimeIn;
 use super::error::ApiError;
 use super::{AppState, auth::Caller, blocking};
-use crate::store::{MetricScope, Measures};
+use crate::store::{Measures, MetricScope};
 use crate::time::{Granularity, Millis, now_ms, rfc3339};
 
 /// A series may hold at most this many windows.
@@ -49,7 +49,9 @@ pub struct Series {
 }
 
 fn param_time(params: &HashMap<String, String>, name: &str) -> Result<Option<Millis>, ApiError> {
-    let Some(raw) = params.get(name) else { return Ok(None) };
+    let Some(raw) = params.get(name) else {
+        return Ok(None);
+    };
     let parsed = match raw.parse::<u64>() {
         Ok(ms) => TimeIn::Millis(ms),
         Err(_) => TimeIn::Text(raw.clone()),
@@ -63,11 +65,17 @@ fn param_time(params: &HashMap<String, String>, name: &str) -> Result<Option<Mil
 }
 
 /// `from`, `to` (aligned down) and the granularity of a metrics request.
-fn range(params: &HashMap<String, String>, default_span: impl Fn(Granularity) -> u64) -> Result<(Granularity, Millis, Millis), ApiError> {
+fn range(
+    params: &HashMap<String, String>,
+    default_span: impl Fn(Granularity) -> u64,
+) -> Result<(Granularity, Millis, Millis), ApiError> {
     let g = match params.get("granularity") {
         None => Granularity::Minute,
         Some(s) => Granularity::parse(s).ok_or_else(|| {
-            ApiError::bad_request("invalid_granularity", format!("granularity={s:?}; use 1m, 5m, 1h or 1d"))
+            ApiError::bad_request(
+                "invalid_granularity",
+                format!("granularity={s:?}; use 1m, 5m, 1h or 1d"),
+            )
         })?,
     };
     let to = param_time(params, "to")?.unwrap_or_else(|| now_ms() + g.ms());
@@ -135,7 +143,9 @@ pub async fn ad_clicks(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Series>, ApiError> {
     let store = state.store.clone();
-    let owner = blocking(move || store.ad(ad_id)).await?.map(|a| a.advertiser_id);
+    let owner = blocking(move || store.ad(ad_id))
+        .await?
+        .map(|a| a.advertiser_id);
     caller.require_reader_of(owner, &format!("ad {ad_id}"))?;
     series(&state, MetricScope::Ad, ad_id, &params).await
 }
@@ -212,13 +222,17 @@ pub async fn top_ads(
             .parse::<usize>()
             .ok()
             .filter(|n| (1..=1000).contains(n))
-            .ok_or_else(|| ApiError::bad_request("invalid_limit", "limit must be between 1 and 1000"))?,
+            .ok_or_else(|| {
+                ApiError::bad_request("invalid_limit", "limit must be between 1 and 1000")
+            })?,
     };
     params.remove("granularity");
     let (_, from, to) = range(&params, |_| 86_400_000)?;
     let store = state.store.clone();
     let mut totals = blocking(move || store.ad_totals(advertiser_id, from, to)).await?;
-    totals.sort_by(|(a, x), (b, y)| (y.clicks, y.spend_micros, a).cmp(&(x.clicks, x.spend_micros, b)));
+    totals.sort_by(|(a, x), (b, y)| {
+        (y.clicks, y.spend_micros, a).cmp(&(x.clicks, x.spend_micros, b))
+    });
     totals.truncate(limit);
     Ok(Json(TopAds {
         from: rfc3339(from),
@@ -257,7 +271,9 @@ pub async fn ad_late_clicks(
     Query(mut params): Query<HashMap<String, String>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let store = state.store.clone();
-    let owner = blocking(move || store.ad(ad_id)).await?.map(|a| a.advertiser_id);
+    let owner = blocking(move || store.ad(ad_id))
+        .await?
+        .map(|a| a.advertiser_id);
     caller.require_reader_of(owner, &format!("ad {ad_id}"))?;
     params.remove("granularity");
     let (_, from, to) = range(&params, |_| 86_400_000)?;
@@ -272,5 +288,7 @@ pub async fn ad_late_clicks(
             record_time: rfc3339(r.record_time_ms),
         })
         .collect();
-    Ok(Json(serde_json::json!({ "ad_id": ad_id, "late_clicks": clicks })))
+    Ok(Json(
+        serde_json::json!({ "ad_id": ad_id, "late_clicks": clicks }),
+    ))
 }

@@ -180,7 +180,12 @@ pub trait Store: Send + Sync + 'static {
     fn check(&self) -> Result<(), StoreError>;
 
     /// Creates an advertiser with the hash of its API key.
-    fn create_advertiser(&self, advertiser_id: u64, name: &str, key_hash: &[u8; 32]) -> Result<(), StoreError>;
+    fn create_advertiser(
+        &self,
+        advertiser_id: u64,
+        name: &str,
+        key_hash: &[u8; 32],
+    ) -> Result<(), StoreError>;
 
     /// The advertiser an API key hash belongs to.
     fn advertiser_for_key(&self, key_hash: &[u8; 32]) -> Result<Option<u64>, StoreError>;
@@ -215,20 +220,38 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<(Millis, Measures)>, StoreError>;
 
     /// Totals per ad of one advertiser in `[from, to)` (minute-aligned).
-    fn ad_totals(&self, advertiser_id: u64, from: Millis, to: Millis) -> Result<Vec<(u64, Measures)>, StoreError>;
+    fn ad_totals(
+        &self,
+        advertiser_id: u64,
+        from: Millis,
+        to: Millis,
+    ) -> Result<Vec<(u64, Measures)>, StoreError>;
 
     /// Late clicks of one ad with event times in `[from, to)`.
-    fn late_clicks(&self, ad_id: u64, from: Millis, to: Millis, limit: usize) -> Result<Vec<LateClick>, StoreError>;
+    fn late_clicks(
+        &self,
+        ad_id: u64,
+        from: Millis,
+        to: Millis,
+        limit: usize,
+    ) -> Result<Vec<LateClick>, StoreError>;
 }
 
 /// Splits `[from, to)` into the fewest windows of the given granularities, coarsest inner.
 /// `from` and `to` must be aligned to the finest granularity.
 pub fn decompose(from: Millis, to: Millis) -> Vec<(Granularity, Millis, Millis)> {
-    fn go(from: Millis, to: Millis, grans: &[Granularity], out: &mut Vec<(Granularity, Millis, Millis)>) {
+    fn go(
+        from: Millis,
+        to: Millis,
+        grans: &[Granularity],
+        out: &mut Vec<(Granularity, Millis, Millis)>,
+    ) {
         if from >= to {
             return;
         }
-        let Some((&g, finer)) = grans.split_last() else { return };
+        let Some((&g, finer)) = grans.split_last() else {
+            return;
+        };
         let inner_from = from.div_ceil(g.ms()) * g.ms();
         let inner_to = g.align(to);
         if finer.is_empty() || inner_from >= inner_to {
@@ -280,13 +303,28 @@ mod tests {
         let k = vec![crate::views::Datum::Id(1)];
         let mut a = ChangeBatch {
             upper: 10,
-            views: vec![HashMap::from([(k.clone(), Some(vec![crate::views::Datum::Int(1)]))])],
-            positions: BTreeMap::from([(p, LogPosition { offset: 5, time_floor_ms: 9 })]),
+            views: vec![HashMap::from([(
+                k.clone(),
+                Some(vec![crate::views::Datum::Int(1)]),
+            )])],
+            positions: BTreeMap::from([(
+                p,
+                LogPosition {
+                    offset: 5,
+                    time_floor_ms: 9,
+                },
+            )]),
         };
         a.absorb(ChangeBatch {
             upper: 20,
             views: vec![HashMap::from([(k.clone(), None)])],
-            positions: BTreeMap::from([(p, LogPosition { offset: 7, time_floor_ms: 19 })]),
+            positions: BTreeMap::from([(
+                p,
+                LogPosition {
+                    offset: 7,
+                    time_floor_ms: 19,
+                },
+            )]),
         });
         assert_eq!(a.upper, 20);
         assert_eq!(a.views[0][&k], None);

@@ -8,11 +8,13 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::types::{Value, ValueRef};
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{
+    Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
+};
 
 use super::{
-    Ad, ChangeBatch, LateClick, Measures, MetricScope, RecoveryPoint, Store, StoreError, Upserted, ViewChanges,
-    decompose,
+    Ad, ChangeBatch, LateClick, Measures, MetricScope, RecoveryPoint, Store, StoreError, Upserted,
+    ViewChanges, decompose,
 };
 use crate::dataflows::{ad_clicks, late_clicks};
 use crate::log::LogPosition;
@@ -89,13 +91,20 @@ fn view_sql(view: &ViewDef) -> ViewSql {
         .collect::<Vec<_>>()
         .join(" AND ");
     let all: Vec<&str> = key_cols.iter().chain(&value_cols).copied().collect();
-    let placeholders = (1..=all.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+    let placeholders = (1..=all.len())
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let updates = if value_cols.is_empty() {
         "NOTHING".to_owned()
     } else {
         format!(
             "UPDATE SET {}",
-            value_cols.iter().map(|c| format!("{c} = excluded.{c}")).collect::<Vec<_>>().join(", ")
+            value_cols
+                .iter()
+                .map(|c| format!("{c} = excluded.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         )
     };
     let rollup_upsert = view.rollup.map(|r| {
@@ -111,7 +120,11 @@ fn view_sql(view: &ViewDef) -> ViewSql {
     ViewSql {
         select_value: format!(
             "SELECT {} FROM {table} WHERE {key_match}",
-            if value_cols.is_empty() { "1".to_owned() } else { value_cols.join(", ") }
+            if value_cols.is_empty() {
+                "1".to_owned()
+            } else {
+                value_cols.join(", ")
+            }
         ),
         upsert: format!(
             "INSERT INTO {table} ({}) VALUES ({placeholders}) ON CONFLICT ({}) DO {updates}",
@@ -142,7 +155,9 @@ fn ensure_view_tables(conn: &Connection, view: &ViewDef) -> Result<(), StoreErro
     .map_err(unavailable("create view table"))?;
 
     let mut stmt = conn
-        .prepare(&format!("SELECT name FROM pragma_table_info('{table}') ORDER BY cid"))
+        .prepare(&format!(
+            "SELECT name FROM pragma_table_info('{table}') ORDER BY cid"
+        ))
         .map_err(unavailable("inspect view table"))?;
     let have: Vec<String> = stmt
         .query_map([], |r| r.get(0))
@@ -158,7 +173,11 @@ fn ensure_view_tables(conn: &Connection, view: &ViewDef) -> Result<(), StoreErro
     }
 
     if let Some(r) = &view.rollup {
-        let measures: Vec<String> = r.measures.iter().map(|m| format!("{m} INTEGER NOT NULL")).collect();
+        let measures: Vec<String> = r
+            .measures
+            .iter()
+            .map(|m| format!("{m} INTEGER NOT NULL"))
+            .collect();
         conn.execute_batch(&format!(
             "CREATE TABLE IF NOT EXISTS {} (scope TEXT NOT NULL, scope_id INTEGER NOT NULL,
              granularity TEXT NOT NULL, window_start INTEGER NOT NULL, {},
@@ -173,15 +192,22 @@ fn ensure_view_tables(conn: &Connection, view: &ViewDef) -> Result<(), StoreErro
 
 fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(unavailable("open store"))?;
-    conn.busy_timeout(Duration::from_secs(10)).map_err(unavailable("busy timeout"))?;
-    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
-        .map_err(unavailable("store pragmas"))?;
+    conn.busy_timeout(Duration::from_secs(10))
+        .map_err(unavailable("busy timeout"))?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+    )
+    .map_err(unavailable("store pragmas"))?;
     Ok(conn)
 }
 
 impl SqliteStore {
     /// Opens (or creates) the store at `path`, migrates it and derives the view tables.
-    pub fn open(path: &Path, views: &'static [ViewDef], options: SqliteOptions) -> Result<SqliteStore, StoreError> {
+    pub fn open(
+        path: &Path,
+        views: &'static [ViewDef],
+        options: SqliteOptions,
+    ) -> Result<SqliteStore, StoreError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Unavailable(format!("create {}: {e}", dir.display())))?;
@@ -217,7 +243,12 @@ impl SqliteStore {
             .map_err(|e| StoreError::Unavailable(format!("store connection: {e}")))
     }
 
-    fn apply_view(tx: &Transaction<'_>, view: &ViewDef, sql: &ViewSql, changes: &ViewChanges) -> rusqlite::Result<()> {
+    fn apply_view(
+        tx: &Transaction<'_>,
+        view: &ViewDef,
+        sql: &ViewSql,
+        changes: &ViewChanges,
+    ) -> rusqlite::Result<()> {
         let mut deltas: HashMap<(usize, u64, Granularity, Millis), Vec<i64>> = HashMap::new();
         let mut select = tx.prepare_cached(&sql.select_value)?;
         let mut upsert = tx.prepare_cached(&sql.upsert)?;
@@ -239,7 +270,10 @@ impl SqliteStore {
             }
             match new {
                 Some(value) => {
-                    let all: Vec<Value> = key_values.into_iter().chain(value.iter().map(to_value)).collect();
+                    let all: Vec<Value> = key_values
+                        .into_iter()
+                        .chain(value.iter().map(to_value))
+                        .collect();
                     upsert.execute(rusqlite::params_from_iter(all))?;
                 }
                 None => {
@@ -290,7 +324,9 @@ fn rollup_deltas(
         .map(|m| get(m).and_then(Datum::as_i64).unwrap_or(0) * sign)
         .collect();
     for (s, (scope, column)) in r.scopes.iter().enumerate() {
-        let Some(Datum::Id(id)) = get(column) else { continue };
+        let Some(Datum::Id(id)) = get(column) else {
+            continue;
+        };
         for g in r.granularities {
             if r.skip.contains(&(*scope, *g)) {
                 continue;
@@ -310,14 +346,16 @@ fn encode_positions(p: &BTreeMap<PartitionId, LogPosition>) -> String {
 }
 
 fn decode_positions(s: &str) -> Result<BTreeMap<PartitionId, LogPosition>, StoreError> {
-    let v: Vec<(PartitionId, LogPosition)> =
-        serde_json::from_str(s).map_err(|e| StoreError::Inconsistent(format!("progress positions: {e}")))?;
+    let v: Vec<(PartitionId, LogPosition)> = serde_json::from_str(s)
+        .map_err(|e| StoreError::Inconsistent(format!("progress positions: {e}")))?;
     Ok(v.into_iter().collect())
 }
 
 fn conflict(e: rusqlite::Error, what: &str) -> StoreError {
     match e {
-        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
             StoreError::Conflict(format!("{what} already exists"))
         }
         e => StoreError::Unavailable(format!("{what}: {e}")),
@@ -347,7 +385,10 @@ impl SqliteStore {
             .optional()
             .map_err(&read)?;
         if advertiser.is_none() {
-            return Err(StoreError::NotFound(format!("advertiser {}", ad.advertiser_id)));
+            return Err(StoreError::NotFound(format!(
+                "advertiser {}",
+                ad.advertiser_id
+            )));
         }
         let owner: Option<i64> = conn
             .query_row(
@@ -366,7 +407,11 @@ impl SqliteStore {
             )));
         }
         let existing: Option<i64> = conn
-            .query_row("SELECT advertiser_id FROM ads WHERE ad_id = ?1", [ad.ad_id as i64], |r| r.get(0))
+            .query_row(
+                "SELECT advertiser_id FROM ads WHERE ad_id = ?1",
+                [ad.ad_id as i64],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(&read)?;
         match existing {
@@ -384,13 +429,20 @@ impl Store for SqliteStore {
     fn recovery_point(&self, tick_ms: u64, horizon_ms: u64) -> Result<RecoveryPoint, StoreError> {
         let conn = self.writer.lock();
         let stored: Option<String> = conn
-            .query_row("SELECT value FROM settings WHERE key = 'tick_ms'", [], |r| r.get(0))
+            .query_row(
+                "SELECT value FROM settings WHERE key = 'tick_ms'",
+                [],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(unavailable("read settings"))?;
         match stored {
             None => {
-                conn.execute("INSERT INTO settings (key, value) VALUES ('tick_ms', ?1)", [tick_ms.to_string()])
-                    .map_err(unavailable("write settings"))?;
+                conn.execute(
+                    "INSERT INTO settings (key, value) VALUES ('tick_ms', ?1)",
+                    [tick_ms.to_string()],
+                )
+                .map_err(unavailable("write settings"))?;
             }
             Some(s) if s != tick_ms.to_string() => {
                 return Err(StoreError::Inconsistent(format!(
@@ -401,9 +453,11 @@ impl Store for SqliteStore {
             Some(_) => {}
         }
         let last: Option<(i64, String)> = conn
-            .query_row("SELECT upper, positions FROM progress ORDER BY upper DESC LIMIT 1", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            .query_row(
+                "SELECT upper, positions FROM progress ORDER BY upper DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()
             .map_err(unavailable("read progress"))?;
         let Some((as_of, committed)) = last else {
@@ -421,7 +475,11 @@ impl Store for SqliteStore {
         Ok(RecoveryPoint {
             as_of,
             committed: decode_positions(&committed)?,
-            replay_from: replay.as_deref().map(decode_positions).transpose()?.unwrap_or_default(),
+            replay_from: replay
+                .as_deref()
+                .map(decode_positions)
+                .transpose()?
+                .unwrap_or_default(),
         })
     }
 
@@ -442,7 +500,11 @@ impl Store for SqliteStore {
         }
         tx.execute(
             "INSERT INTO progress (upper, positions, committed_at_ms) VALUES (?1, ?2, ?3)",
-            params![batch.upper as i64, encode_positions(&batch.positions), now_ms() as i64],
+            params![
+                batch.upper as i64,
+                encode_positions(&batch.positions),
+                now_ms() as i64
+            ],
         )
         .map_err(unavailable("write progress"))?;
         tx.execute(
@@ -470,7 +532,12 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn create_advertiser(&self, advertiser_id: u64, name: &str, key_hash: &[u8; 32]) -> Result<(), StoreError> {
+    fn create_advertiser(
+        &self,
+        advertiser_id: u64,
+        name: &str,
+        key_hash: &[u8; 32],
+    ) -> Result<(), StoreError> {
         self.writer
             .lock()
             .execute(
@@ -586,14 +653,20 @@ impl Store for SqliteStore {
     ) -> Result<Vec<(Millis, Measures)>, StoreError> {
         let conn = self.reader()?;
         let view = &ad_clicks::VIEW;
-        let (sql, args): (String, Vec<Value>) = if scope == MetricScope::Ad && granularity == Granularity::Minute {
+        let (sql, args): (String, Vec<Value>) = if scope == MetricScope::Ad
+            && granularity == Granularity::Minute
+        {
             (
                 format!(
                     "SELECT window_start, {MEASURES} FROM {} WHERE ad_id = ?1 AND window_start >= ?2 \
                      AND window_start < ?3 ORDER BY window_start",
                     view.table()
                 ),
-                vec![Value::Integer(id as i64), Value::Integer(from as i64), Value::Integer(to as i64)],
+                vec![
+                    Value::Integer(id as i64),
+                    Value::Integer(from as i64),
+                    Value::Integer(to as i64),
+                ],
             )
         } else {
             (
@@ -611,7 +684,9 @@ impl Store for SqliteStore {
                 ],
             )
         };
-        let mut stmt = conn.prepare_cached(&sql).map_err(unavailable("read series"))?;
+        let mut stmt = conn
+            .prepare_cached(&sql)
+            .map_err(unavailable("read series"))?;
         stmt.query_map(rusqlite::params_from_iter(args), |r| {
             Ok((r.get::<_, i64>(0)? as Millis, measures_at(r, 1)?))
         })
@@ -619,7 +694,12 @@ impl Store for SqliteStore {
         .map_err(unavailable("read series"))
     }
 
-    fn ad_totals(&self, advertiser_id: u64, from: Millis, to: Millis) -> Result<Vec<(u64, Measures)>, StoreError> {
+    fn ad_totals(
+        &self,
+        advertiser_id: u64,
+        from: Millis,
+        to: Millis,
+    ) -> Result<Vec<(u64, Measures)>, StoreError> {
         let conn = self.reader()?;
         let view = &ad_clicks::VIEW;
         let mut totals: BTreeMap<u64, Measures> = BTreeMap::new();
@@ -632,7 +712,11 @@ impl Store for SqliteStore {
                          GROUP BY ad_id",
                         view.table()
                     ),
-                    vec![Value::Integer(advertiser_id as i64), Value::Integer(a as i64), Value::Integer(b as i64)],
+                    vec![
+                        Value::Integer(advertiser_id as i64),
+                        Value::Integer(a as i64),
+                        Value::Integer(b as i64),
+                    ],
                 )
             } else {
                 (
@@ -651,7 +735,9 @@ impl Store for SqliteStore {
                     ],
                 )
             };
-            let mut stmt = conn.prepare_cached(&sql).map_err(unavailable("read totals"))?;
+            let mut stmt = conn
+                .prepare_cached(&sql)
+                .map_err(unavailable("read totals"))?;
             let rows = stmt
                 .query_map(rusqlite::params_from_iter(args), |r| {
                     Ok((r.get::<_, i64>(0)? as u64, measures_at(r, 1)?))
@@ -665,7 +751,13 @@ impl Store for SqliteStore {
         Ok(totals.into_iter().collect())
     }
 
-    fn late_clicks(&self, ad_id: u64, from: Millis, to: Millis, limit: usize) -> Result<Vec<LateClick>, StoreError> {
+    fn late_clicks(
+        &self,
+        ad_id: u64,
+        from: Millis,
+        to: Millis,
+        limit: usize,
+    ) -> Result<Vec<LateClick>, StoreError> {
         let conn = self.reader()?;
         let mut stmt = conn
             .prepare_cached(&format!(
@@ -675,14 +767,17 @@ impl Store for SqliteStore {
                 late_clicks::VIEW.table()
             ))
             .map_err(unavailable("read late clicks"))?;
-        stmt.query_map(params![ad_id as i64, from as i64, to as i64, limit as i64], |r| {
-            Ok(LateClick {
-                impression_id: r.get(0)?,
-                click_id: r.get(1)?,
-                event_time_ms: r.get::<_, i64>(2)? as Millis,
-                record_time_ms: r.get::<_, i64>(3)? as Millis,
-            })
-        })
+        stmt.query_map(
+            params![ad_id as i64, from as i64, to as i64, limit as i64],
+            |r| {
+                Ok(LateClick {
+                    impression_id: r.get(0)?,
+                    click_id: r.get(1)?,
+                    event_time_ms: r.get::<_, i64>(2)? as Millis,
+                    record_time_ms: r.get::<_, i64>(3)? as Millis,
+                })
+            },
+        )
         .and_then(|rows| rows.collect())
         .map_err(unavailable("read late clicks"))
     }
@@ -754,27 +849,69 @@ mod tests {
         let s = store(dir.path());
         let (k1, v1) = minute_row(1, 60_000, 70, 3, 300);
         let (k2, v2) = minute_row(1, 120_000, 70, 2, 200);
-        s.commit(&batch(1_000, vec![(k1.clone(), Some(v1)), (k2.clone(), Some(v2))])).expect("c1");
+        s.commit(&batch(
+            1_000,
+            vec![(k1.clone(), Some(v1)), (k2.clone(), Some(v2))],
+        ))
+        .expect("c1");
         // k1 grows, and the ad moves to campaign 71 for k2.
         let (_, v1b) = minute_row(1, 60_000, 70, 5, 500);
         let (_, v2b) = minute_row(1, 120_000, 71, 2, 200);
-        s.commit(&batch(2_000, vec![(k1.clone(), Some(v1b)), (k2.clone(), Some(v2b))])).expect("c2");
+        s.commit(&batch(
+            2_000,
+            vec![(k1.clone(), Some(v1b)), (k2.clone(), Some(v2b))],
+        ))
+        .expect("c2");
 
-        let five = s.click_series(MetricScope::Ad, 1, Granularity::FiveMinutes, 0, 600_000).expect("series");
-        assert_eq!(five, vec![(0, Measures { clicks: 7, spend_micros: 700, ..Default::default() })]);
-        let c70 = s.click_series(MetricScope::Campaign, 70, Granularity::Hour, 0, 3_600_000).expect("series");
+        let five = s
+            .click_series(MetricScope::Ad, 1, Granularity::FiveMinutes, 0, 600_000)
+            .expect("series");
+        assert_eq!(
+            five,
+            vec![(
+                0,
+                Measures {
+                    clicks: 7,
+                    spend_micros: 700,
+                    ..Default::default()
+                }
+            )]
+        );
+        let c70 = s
+            .click_series(MetricScope::Campaign, 70, Granularity::Hour, 0, 3_600_000)
+            .expect("series");
         assert_eq!(c70[0].1.clicks, 5);
-        let c71 = s.click_series(MetricScope::Campaign, 71, Granularity::Minute, 0, 3_600_000).expect("series");
-        assert_eq!(c71, vec![(120_000, Measures { clicks: 2, spend_micros: 200, ..Default::default() })]);
+        let c71 = s
+            .click_series(MetricScope::Campaign, 71, Granularity::Minute, 0, 3_600_000)
+            .expect("series");
+        assert_eq!(
+            c71,
+            vec![(
+                120_000,
+                Measures {
+                    clicks: 2,
+                    spend_micros: 200,
+                    ..Default::default()
+                }
+            )]
+        );
 
         // A replayed batch (same or older upper) is skipped, not applied twice.
-        s.commit(&batch(2_000, vec![(k1.clone(), Some(minute_row(1, 60_000, 70, 99, 0).1))])).expect("dup");
-        let adv = s.click_series(MetricScope::Advertiser, 7, Granularity::Day, 0, 86_400_000).expect("series");
+        s.commit(&batch(
+            2_000,
+            vec![(k1.clone(), Some(minute_row(1, 60_000, 70, 99, 0).1))],
+        ))
+        .expect("dup");
+        let adv = s
+            .click_series(MetricScope::Advertiser, 7, Granularity::Day, 0, 86_400_000)
+            .expect("series");
         assert_eq!(adv[0].1.clicks, 7);
 
         // Deleting a row takes it out of the rollups.
         s.commit(&batch(3_000, vec![(k1, None)])).expect("c3");
-        let adv = s.click_series(MetricScope::Advertiser, 7, Granularity::Day, 0, 86_400_000).expect("series");
+        let adv = s
+            .click_series(MetricScope::Advertiser, 7, Granularity::Day, 0, 86_400_000)
+            .expect("series");
         assert_eq!(adv[0].1.clicks, 2);
         assert_eq!(s.committed_frontier().expect("frontier"), Some(3_000));
     }
@@ -783,14 +920,20 @@ mod tests {
     fn recovery_point_replays_from_the_horizon_and_pins_the_tick() {
         let dir = tempfile::tempdir().expect("tmp");
         let s = store(dir.path());
-        assert_eq!(s.recovery_point(200, 500).expect("empty"), RecoveryPoint::default());
+        assert_eq!(
+            s.recovery_point(200, 500).expect("empty"),
+            RecoveryPoint::default()
+        );
         for upper in [1_000, 1_400, 1_800, 2_200] {
             s.commit(&batch(upper, vec![])).expect("commit");
         }
         let rp = s.recovery_point(200, 500).expect("rp");
         assert_eq!(rp.as_of, 2_200);
         // Last commit at or before 2200 - 500 = 1700 is 1400.
-        assert_eq!(rp.replay_from.values().next().map(|p| p.offset), Some(1_400));
+        assert_eq!(
+            rp.replay_from.values().next().map(|p| p.offset),
+            Some(1_400)
+        );
         let err = s.recovery_point(100, 500).expect_err("tick changed");
         assert!(err.to_string().contains("time.tick"), "{err}");
     }
@@ -809,14 +952,31 @@ mod tests {
         assert!(matches!(s.upsert_ad(&ad), Err(StoreError::NotFound(_))));
         s.create_advertiser(7, "A", &[1; 32]).expect("adv");
         s.create_advertiser(8, "B", &[2; 32]).expect("adv");
-        assert!(matches!(s.create_advertiser(7, "A", &[3; 32]), Err(StoreError::Conflict(_))));
+        assert!(matches!(
+            s.create_advertiser(7, "A", &[3; 32]),
+            Err(StoreError::Conflict(_))
+        ));
         assert_eq!(s.upsert_ad(&ad).expect("create"), Upserted::Created);
         assert_eq!(s.upsert_ad(&ad).expect("update"), Upserted::Updated);
-        assert_eq!(s.ad(u64::MAX).expect("read"), Some(ad.clone()), "u64 ids survive bit-casting");
-        let stolen = Ad { advertiser_id: 8, ..ad.clone() };
+        assert_eq!(
+            s.ad(u64::MAX).expect("read"),
+            Some(ad.clone()),
+            "u64 ids survive bit-casting"
+        );
+        let stolen = Ad {
+            advertiser_id: 8,
+            ..ad.clone()
+        };
         assert!(matches!(s.upsert_ad(&stolen), Err(StoreError::Conflict(_))));
-        let other = Ad { ad_id: 5, advertiser_id: 8, ..ad };
-        assert!(matches!(s.upsert_ad(&other), Err(StoreError::Conflict(_))), "campaign 70 is 7's");
+        let other = Ad {
+            ad_id: 5,
+            advertiser_id: 8,
+            ..ad
+        };
+        assert!(
+            matches!(s.upsert_ad(&other), Err(StoreError::Conflict(_))),
+            "campaign 70 is 7's"
+        );
         assert_eq!(s.advertiser_for_key(&[2; 32]).expect("key"), Some(8));
         assert_eq!(s.campaign_owner(70).expect("owner"), Some(7));
     }
