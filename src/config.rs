@@ -221,59 +221,101 @@ where
 const ENV_OVERRIDES: &[EnvOverride] = &[
     EnvOverride {
         var: "CLICKAGG_HTTP_ADDR",
-        apply: |c, v| Ok(c.http.addr = parse(v)?),
+        apply: |c, v| {
+            c.http.addr = parse(v)?;
+            Ok(())
+        },
     },
     EnvOverride {
         var: "CLICKAGG_DATA_DIR",
-        apply: |c, v| Ok(c.data_dir = PathBuf::from(v)),
+        apply: |c, v| {
+            c.data_dir = PathBuf::from(v);
+            Ok(())
+        },
     },
     EnvOverride {
         var: "CLICKAGG_ADMIN_KEY",
-        apply: |c, v| Ok(c.keys.admin_key = v.to_owned()),
+        apply: |c, v| {
+            c.keys.admin_key = v.to_owned();
+            Ok(())
+        },
     },
     EnvOverride {
         var: "CLICKAGG_AD_SERVER_KEY",
-        apply: |c, v| Ok(c.keys.ad_server_key = v.to_owned()),
+        apply: |c, v| {
+            c.keys.ad_server_key = v.to_owned();
+            Ok(())
+        },
     },
     EnvOverride {
         var: "CLICKAGG_TOKEN_SECRET",
-        apply: |c, v| Ok(c.keys.token_secret = v.to_owned()),
+        apply: |c, v| {
+            c.keys.token_secret = v.to_owned();
+            Ok(())
+        },
     },
     EnvOverride {
         var: "CLICKAGG_TICK",
-        apply: |c, v| Ok(c.time.tick = parse_duration(v)?),
+        apply: |c, v| {
+            c.time.tick = parse_duration(v)?;
+            Ok(())
+        },
     },
     EnvOverride {
         var: "CLICKAGG_ALLOWED_LATENESS",
-        apply: |c, v| Ok(c.time.allowed_lateness = parse_duration(v)?),
+        apply: |c, v| {
+            c.time.allowed_lateness = parse_duration(v)?;
+            Ok(())
+        },
     },
     EnvOverride {
         var: "CLICKAGG_IMPRESSION_TTL",
-        apply: |c, v| Ok(c.time.impression_ttl = parse_duration(v)?),
+        apply: |c, v| {
+            c.time.impression_ttl = parse_duration(v)?;
+            Ok(())
+        },
     },
     EnvOverride {
         var: "CLICKAGG_CORRECTION_WINDOW",
-        apply: |c, v| Ok(c.time.correction_window = parse_duration(v)?),
+        apply: |c, v| {
+            c.time.correction_window = parse_duration(v)?;
+            Ok(())
+        },
     },
     EnvOverride {
         var: "CLICKAGG_HORIZON",
-        apply: |c, v| Ok(c.time.horizon = parse_horizon(v)?),
+        apply: |c, v| {
+            c.time.horizon = parse_horizon(v)?;
+            Ok(())
+        },
     },
     EnvOverride {
         var: "CLICKAGG_FRAUD_MAX_CLICKS_PER_IP_PER_SECOND",
-        apply: |c, v| Ok(c.fraud.max_clicks_per_ip_per_second = parse(v)?),
+        apply: |c, v| {
+            c.fraud.max_clicks_per_ip_per_second = parse(v)?;
+            Ok(())
+        },
     },
     EnvOverride {
         var: "CLICKAGG_WORKERS",
-        apply: |c, v| Ok(c.workers = parse(v)?),
+        apply: |c, v| {
+            c.workers = parse(v)?;
+            Ok(())
+        },
     },
     EnvOverride {
         var: "CLICKAGG_KAFKA_BROKERS",
-        apply: |c, v| Ok(c.log.kafka_brokers = v.to_owned()),
+        apply: |c, v| {
+            c.log.kafka_brokers = v.to_owned();
+            Ok(())
+        },
     },
     EnvOverride {
         var: "CLICKAGG_POSTGRES_URL",
-        apply: |c, v| Ok(c.store.postgres_url = v.to_owned()),
+        apply: |c, v| {
+            c.store.postgres_url = v.to_owned();
+            Ok(())
+        },
     },
 ];
 

@@ -181,7 +181,7 @@ impl Client {
             .json(&body)
             .send()
             .await
-            .with_context(|| format!("{path}"))?;
+            .with_context(|| path.to_string())?;
         Ok(r.status())
     }
 

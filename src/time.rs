@@ -213,7 +213,7 @@ mod tests {
             ttl_ms: 600_000,
             correction_ms: 120_000,
         };
-        let w = 1_700_000_040_000 - 1_700_000_040_000 % 60_000;
+        let w = Granularity::Minute.align(1_700_000_040_000);
         assert_eq!(f.final_at(w, 60_000), w + 60_000 + 720_000);
         assert!(!f.is_final(w, 60_000, w + 779_999));
         assert!(f.is_final(w, 60_000, w + 780_000));

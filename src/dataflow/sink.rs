@@ -153,6 +153,12 @@ pub fn click_sink(records: VecCollection<'_, Time, SinkRecord>, spec: SinkSpec) 
         views,
         idle_commit_interval,
     } = spec;
+    // Every worker builds the same dataflow, so every worker has a `ClickSink`; the
+    // exchange routes all rows to worker 0, and only that one may hand batches to the
+    // writer. Another worker's instance sees the same frontier but none of the rows: were
+    // it to commit, its empty batch would claim an `upper` whose changes it never saw, and
+    // the store would then skip worker 0's real batch for that `upper` as already stored.
+    let committer = records.inner.scope().index() == 0;
     let mut pending: Vec<(SinkRecord, Time, isize)> = Vec::new();
     let mut last_upper = as_of;
     let mut last_offer = Instant::now();
@@ -161,6 +167,10 @@ pub fn click_sink(records: VecCollection<'_, Time, SinkRecord>, spec: SinkSpec) 
         .inner
         .sink(to_worker_zero, "ClickSink", move |(input, frontier)| {
             input.for_each(|_, data| pending.append(data));
+            if !committer {
+                pending.clear();
+                return;
+            }
             // An empty frontier means the dataflow is shutting down: what is in flight will
             // be replayed on restart, so nothing is committed for it.
             let Some(&upper) = frontier.frontier().as_option() else {

@@ -42,7 +42,9 @@ pub struct Series {
     pub from: String,
     /// End (exclusive, aligned), RFC 3339.
     pub to: String,
-    /// The record time up to which the store is complete.
+    /// Every click with a record time at or before this instant is counted; a client
+    /// whose click was acknowledged by then sees it (the committed frontier minus a tick,
+    /// because record times are rounded up to ticks).
     pub complete_through: Option<String>,
     /// Windows with activity, in order.
     pub points: Vec<Point>,
@@ -93,6 +95,13 @@ fn range(
     Ok((g, from, to))
 }
 
+/// The record time through which a committed frontier `f` has counted every click: a
+/// record at `r` has timely time `ceil(r / tick) * tick`, which is below `f` for every
+/// `r <= f - tick`.
+pub fn complete_through(frontier: u64, tick_ms: u64) -> Millis {
+    frontier.saturating_sub(tick_ms)
+}
+
 fn default_span(g: Granularity) -> u64 {
     match g {
         Granularity::Minute => 3_600_000,
@@ -130,7 +139,7 @@ async fn series(
         granularity: g.as_str(),
         from: rfc3339(from),
         to: rfc3339(to),
-        complete_through: frontier.map(rfc3339),
+        complete_through: frontier.map(|f| rfc3339(complete_through(f, state.config.tick().ms()))),
         points,
     }))
 }

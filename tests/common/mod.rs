@@ -1,0 +1,355 @@
+//! Shared pieces of the integration tests: the real `clickagg serve` binary in a child
+//! process, a blocking HTTP client, and the workload a test sends.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use reqwest::blocking::{Client, Response};
+use serde_json::{Value, json};
+
+pub mod oracle;
+pub mod workload;
+
+/// The admin key every test server runs with.
+pub const ADMIN: &str = "test-admin-key";
+/// The ad-server key every test server runs with.
+pub const AD_SERVER: &str = "test-ad-server-key";
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64
+}
+
+/// Timing rules of a test server (short, so tests see them act).
+#[derive(Clone, Debug)]
+pub struct TestTimes {
+    pub tick_ms: u64,
+    pub lateness_s: u64,
+    pub ttl_s: u64,
+    pub correction_s: u64,
+    pub max_clicks_per_ip_per_second: u64,
+}
+
+impl Default for TestTimes {
+    fn default() -> Self {
+        TestTimes {
+            tick_ms: 100,
+            lateness_s: 120,
+            ttl_s: 900,
+            correction_s: 120,
+            max_clicks_per_ip_per_second: 5,
+        }
+    }
+}
+
+/// A `clickagg serve` child process on a data directory that outlives restarts.
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub times: TestTimes,
+    child: Option<Child>,
+    pub base: String,
+    pub starts: u32,
+}
+
+impl Server {
+    /// Starts a server on a fresh data directory and waits until it is ready.
+    pub fn start(times: TestTimes) -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("clickagg-test-")
+            .tempdir()
+            .expect("temp dir");
+        let config = format!(
+            "data_dir = {data:?}\nworkers = 2\n\n[http]\naddr = \"127.0.0.1:0\"\ntrust_forwarded_for = true\n\n\
+             [time]\ntick = \"{tick}ms\"\nimpression_ttl = \"{ttl}s\"\nallowed_lateness = \"{late}s\"\n\
+             correction_window = \"{corr}s\"\n\n[fraud]\nmax_clicks_per_ip_per_second = {n}\n",
+            data = dir.path().join("data").display().to_string(),
+            tick = times.tick_ms,
+            ttl = times.ttl_s,
+            late = times.lateness_s,
+            corr = times.correction_s,
+            n = times.max_clicks_per_ip_per_second,
+        );
+        std::fs::write(dir.path().join("clickagg.toml"), config).expect("write config");
+        let mut server = Server {
+            dir,
+            times,
+            child: None,
+            base: String::new(),
+            starts: 0,
+        };
+        server.spawn();
+        server
+    }
+
+    /// The data directory (embedded log and store).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn spawn(&mut self) {
+        let addr_file = self.data_dir().join("http.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .expect("server log");
+        let child = Command::new(env!("CARGO_BIN_EXE_clickagg"))
+            .arg("serve")
+            .arg("--config")
+            .arg(self.dir.path().join("clickagg.toml"))
+            .env("CLICKAGG_ADMIN_KEY", ADMIN)
+            .env("CLICKAGG_AD_SERVER_KEY", AD_SERVER)
+            .env(
+                "CLICKAGG_TOKEN_SECRET",
+                "test-token-secret-0123456789abcdef",
+            )
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn clickagg serve");
+        self.child = Some(child);
+        self.starts += 1;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "clickagg serve exited during start: {status}\n{}",
+                    self.log_tail()
+                );
+            }
+            if let Ok(addr) = std::fs::read_to_string(&addr_file) {
+                let addr = addr.trim();
+                if !addr.is_empty() {
+                    self.base = format!("http://{addr}");
+                    let ready = client()
+                        .get(format!("{}/readyz", self.base))
+                        .send()
+                        .map(|r| r.status().is_success())
+                        .unwrap_or(false);
+                    if ready {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server not ready in 120 s\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last lines the server logged.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// The OS id of the running server process.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGKILLs the server (no chance to flush or commit).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same data directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// A URL on this server.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// GET with a key; panics on a transport error.
+    pub fn get(&self, key: &str, path: &str) -> Response {
+        client()
+            .get(self.url(path))
+            .bearer_auth(key)
+            .send()
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    /// GET as admin, expecting 200 and JSON.
+    pub fn get_json(&self, path: &str) -> Value {
+        let r = self.get(ADMIN, path);
+        let status = r.status();
+        let body: Value = r.json().expect("json body");
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body
+    }
+
+    /// Sends JSON with a method and a key; panics on a transport error.
+    pub fn send(&self, method: reqwest::Method, key: &str, path: &str, body: &Value) -> Response {
+        client()
+            .request(method, self.url(path))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    /// Creates an advertiser, returning its API key.
+    pub fn create_advertiser(&self, id: u64) -> String {
+        let r = self.send(
+            reqwest::Method::POST,
+            ADMIN,
+            "/v1/advertisers",
+            &json!({"advertiser_id": id, "name": format!("adv {id}")}),
+        );
+        assert_eq!(r.status(), 201);
+        let body: Value = r.json().expect("json");
+        body["api_key"].as_str().expect("api_key").to_string()
+    }
+
+    /// Creates or updates an ad.
+    pub fn put_ad(&self, ad: u64, advertiser: u64, campaign: u64, cpc_micros: u64) {
+        let r = self.send(
+            reqwest::Method::PUT,
+            ADMIN,
+            &format!("/v1/ads/{ad}"),
+            &json!({"advertiser_id": advertiser, "campaign_id": campaign,
+                    "landing_url": format!("https://adv{advertiser}.example/ad/{ad}"),
+                    "cpc_micros": cpc_micros}),
+        );
+        assert!(
+            r.status() == 200 || r.status() == 201,
+            "put ad: {}",
+            r.status()
+        );
+    }
+
+    /// Mints `n` impressions of an ad: (impression id hex, token).
+    pub fn impressions(&self, ad: u64, n: usize) -> Vec<(String, String)> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let k = (n - out.len()).min(1000);
+            let r = self.send(
+                reqwest::Method::POST,
+                AD_SERVER,
+                "/v1/impressions",
+                &json!({"ad_id": ad, "user_id": "u-test", "count": k}),
+            );
+            assert_eq!(r.status(), 201);
+            let body: Value = r.json().expect("json");
+            for imp in body["impressions"].as_array().expect("impressions") {
+                out.push((
+                    imp["impression_id"].as_str().expect("id").to_string(),
+                    imp["token"].as_str().expect("token").to_string(),
+                ));
+            }
+        }
+        out
+    }
+
+    /// The committed frontier (`complete_through`) in ms, seen through an ad's series.
+    pub fn complete_through(&self, ad: u64) -> Option<u64> {
+        let body = self.get_json(&format!("/v1/ads/{ad}/clicks?granularity=1d"));
+        body["complete_through"].as_str().map(parse_rfc3339)
+    }
+
+    /// Waits until `complete_through` reaches `t`: every click acknowledged by `t` counted.
+    pub fn wait_complete_through(&self, ad: u64, t: u64, limit: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            if self.complete_through(ad).is_some_and(|c| c >= t) {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "frontier did not pass {t} within {limit:?}\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The text of `/metrics`.
+    pub fn metrics(&self) -> String {
+        self.get(ADMIN, "/metrics").text().expect("metrics text")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+        if std::env::var_os("CLICKAGG_KEEP_TEST_DIR").is_some() || std::thread::panicking() {
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
+            eprintln!("test data kept in {}", dir.keep().display());
+        }
+    }
+}
+
+/// A blocking client with sane timeouts that never follows redirects.
+pub fn client() -> Client {
+    Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("http client")
+}
+
+/// Parses an RFC 3339 time into ms.
+pub fn parse_rfc3339(s: &str) -> u64 {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("bad time {s:?}: {e}"));
+    (t.unix_timestamp_nanos() / 1_000_000) as u64
+}
+
+/// A sample's value in Prometheus text: the first line of `name` whose labels contain
+/// `label` (e.g. `reason="bad_token"`), or 0 when absent.
+pub fn metric(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| label.is_empty() || l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Every record of a topic in the embedded log: (record time, payload). Read straight from
+/// the log file so a test can check what is durable without the server.
+pub fn log_records(data_dir: &Path, topic: u8) -> Vec<(u64, Vec<u8>)> {
+    let conn = rusqlite::Connection::open_with_flags(
+        data_dir.join("log.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open log.db");
+    let mut stmt = conn
+        .prepare("SELECT record_time_ms, payload FROM records WHERE topic = ?1")
+        .expect("prepare");
+    stmt.query_map([topic], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
+        .expect("query")
+        .map(|r| r.expect("row"))
+        .collect()
+}
