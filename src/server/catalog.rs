@@ -1,12 +1,13 @@
 //! The admin's catalog (advertisers, ads), the ad server's impressions, and verdicts.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
+use super::extract::ApiPath;
 use super::json::JsonBody;
 use super::{AppState, auth::Caller, blocking};
 use crate::log::{ADS_PARTITION, AppendRecord, verdict_partition};
@@ -116,7 +117,7 @@ fn check_landing_url(url: &str) -> Result<(), ApiError> {
 pub async fn put_ad(
     State(state): State<AppState>,
     caller: Caller,
-    Path(ad_id): Path<u64>,
+    ApiPath(ad_id): ApiPath<u64>,
     JsonBody(body): JsonBody<AdIn>,
 ) -> Result<(StatusCode, Json<Ad>), ApiError> {
     caller.require_admin()?;
@@ -181,7 +182,7 @@ pub async fn put_ad(
 pub async fn get_ad(
     State(state): State<AppState>,
     caller: Caller,
-    Path(ad_id): Path<u64>,
+    ApiPath(ad_id): ApiPath<u64>,
 ) -> Result<Json<Ad>, ApiError> {
     let store = state.store.clone();
     let ad = blocking(move || store.ad(ad_id)).await?;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Json;
-use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use rand::Rng;
@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use super::error::ApiError;
+use super::extract::ApiPath;
 use super::json::{parse_json, read_json_bytes};
 use crate::log::{AppendRecord, Appended, click_partition};
 use crate::record::{ClickEvent, Payload};
@@ -109,7 +110,7 @@ async fn resolve(
 /// `GET /c/{token}`: records the click, then redirects to the landing page.
 pub async fn redirect(
     State(state): State<AppState>,
-    Path(token): Path<String>,
+    ApiPath(token): ApiPath<String>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod catalog;
 pub mod clicks;
 pub mod error;
+pub mod extract;
 pub mod json;
 pub mod ops;
 pub mod query;

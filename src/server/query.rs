@@ -3,11 +3,12 @@
 use std::collections::HashMap;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use serde::Serialize;
 
 use super::clicks::TimeIn;
 use super::error::ApiError;
+use super::extract::{ApiPath, ApiQuery};
 use super::{AppState, auth::Caller, blocking};
 use crate::store::{Measures, MetricScope};
 use crate::time::{Granularity, Millis, now_ms, rfc3339};
@@ -148,8 +149,8 @@ async fn series(
 pub async fn ad_clicks(
     State(state): State<AppState>,
     caller: Caller,
-    Path(ad_id): Path<u64>,
-    Query(params): Query<HashMap<String, String>>,
+    ApiPath(ad_id): ApiPath<u64>,
+    ApiQuery(params): ApiQuery<HashMap<String, String>>,
 ) -> Result<Json<Series>, ApiError> {
     let store = state.store.clone();
     let owner = blocking(move || store.ad(ad_id))
@@ -163,8 +164,8 @@ pub async fn ad_clicks(
 pub async fn campaign_clicks(
     State(state): State<AppState>,
     caller: Caller,
-    Path(campaign_id): Path<u64>,
-    Query(params): Query<HashMap<String, String>>,
+    ApiPath(campaign_id): ApiPath<u64>,
+    ApiQuery(params): ApiQuery<HashMap<String, String>>,
 ) -> Result<Json<Series>, ApiError> {
     let store = state.store.clone();
     let owner = blocking(move || store.campaign_owner(campaign_id)).await?;
@@ -182,8 +183,8 @@ async fn advertiser_owner(state: &AppState, advertiser_id: u64) -> Result<Option
 pub async fn advertiser_clicks(
     State(state): State<AppState>,
     caller: Caller,
-    Path(advertiser_id): Path<u64>,
-    Query(params): Query<HashMap<String, String>>,
+    ApiPath(advertiser_id): ApiPath<u64>,
+    ApiQuery(params): ApiQuery<HashMap<String, String>>,
 ) -> Result<Json<Series>, ApiError> {
     let owner = advertiser_owner(&state, advertiser_id).await?;
     caller.require_reader_of(owner, &format!("advertiser {advertiser_id}"))?;
@@ -220,8 +221,8 @@ pub struct TopAds {
 pub async fn top_ads(
     State(state): State<AppState>,
     caller: Caller,
-    Path(advertiser_id): Path<u64>,
-    Query(mut params): Query<HashMap<String, String>>,
+    ApiPath(advertiser_id): ApiPath<u64>,
+    ApiQuery(mut params): ApiQuery<HashMap<String, String>>,
 ) -> Result<Json<TopAds>, ApiError> {
     let owner = advertiser_owner(&state, advertiser_id).await?;
     caller.require_reader_of(owner, &format!("advertiser {advertiser_id}"))?;
@@ -276,8 +277,8 @@ pub struct LateClickOut {
 pub async fn ad_late_clicks(
     State(state): State<AppState>,
     caller: Caller,
-    Path(ad_id): Path<u64>,
-    Query(mut params): Query<HashMap<String, String>>,
+    ApiPath(ad_id): ApiPath<u64>,
+    ApiQuery(mut params): ApiQuery<HashMap<String, String>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let store = state.store.clone();
     let owner = blocking(move || store.ad(ad_id))

@@ -57,14 +57,19 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts a server on a fresh data directory and waits until it is ready.
+    /// Starts a server (2 workers) on a fresh data directory and waits until it is ready.
     pub fn start(times: TestTimes) -> Server {
+        Server::start_with(times, 2)
+    }
+
+    /// Starts a server with `workers` timely workers.
+    pub fn start_with(times: TestTimes, workers: usize) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("clickagg-test-")
             .tempdir()
             .expect("temp dir");
         let config = format!(
-            "data_dir = {data:?}\nworkers = 2\n\n[http]\naddr = \"127.0.0.1:0\"\ntrust_forwarded_for = true\n\n\
+            "data_dir = {data:?}\nworkers = {workers}\n\n[http]\naddr = \"127.0.0.1:0\"\ntrust_forwarded_for = true\n\n\
              [time]\ntick = \"{tick}ms\"\nimpression_ttl = \"{ttl}s\"\nallowed_lateness = \"{late}s\"\n\
              correction_window = \"{corr}s\"\n\n[fraud]\nmax_clicks_per_ip_per_second = {n}\n",
             data = dir.path().join("data").display().to_string(),
