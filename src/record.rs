@@ -118,6 +118,20 @@ pub enum DecodeError {
 
 const FORMAT_V1: u8 = 1;
 
+/// The payload of a heartbeat: a record that carries no event, only its record time.
+///
+/// A log whose writers cannot promise a watermark (Kafka, with several ingest processes
+/// and their own clocks) lets idle partitions advance by appending a heartbeat to each
+/// partition every tick. The source folds its record time into the partition's running
+/// max, so later records never get an earlier time, and a replay assigns the same ones.
+/// Format version 0 is reserved for it; no event encodes to it.
+pub const HEARTBEAT: &[u8] = &[0];
+
+/// Whether a payload is a [`HEARTBEAT`].
+pub fn is_heartbeat(payload: &[u8]) -> bool {
+    payload == HEARTBEAT
+}
+
 /// Encoding of log payloads.
 pub trait Payload: Serialize + for<'de> Deserialize<'de> {
     /// The topic records of this type go to.

@@ -170,8 +170,22 @@ pub async fn run(
         });
     }
 
-    crate::server::serve(listener, router(state), shutdown_signal()).await?;
+    let status = Arc::clone(&engine.status);
+    let fenced = Arc::new(parking_lot::Mutex::new(None));
+    let stop = {
+        let fenced = Arc::clone(&fenced);
+        async move {
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                why = status.wait_fenced() => *fenced.lock() = Some(why),
+            }
+        }
+    };
+    crate::server::serve(listener, router(state), stop).await?;
     tokio::task::spawn_blocking(move || engine.shutdown()).await?;
+    if let Some(why) = fenced.lock().take() {
+        bail!("stopped: the sink was fenced ({why})");
+    }
     Ok(())
 }
 

@@ -132,6 +132,13 @@ impl Engine {
         metrics: Arc<Metrics>,
     ) -> Result<Engine, EngineError> {
         let views = crate::views::registry();
+        let claim = store
+            .claim_writer()
+            .map_err(|e| EngineError(format!("cannot become the store's writer: {e}")))?;
+        tracing::info!(
+            generation = claim.generation,
+            "claimed the store as its one writer"
+        );
         let shutdown = Arc::new(AtomicBool::new(false));
         let handoff = Arc::new(Handoff::default());
         let status = Arc::new(SinkStatus::new(spec.recovery.as_of));

@@ -27,7 +27,7 @@ use timely::dataflow::operators::Operator;
 use crate::log::LogPosition;
 use crate::metrics::Metrics;
 use crate::record::PartitionId;
-use crate::store::{ChangeBatch, Store, ViewChanges};
+use crate::store::{ChangeBatch, Store, StoreError, ViewChanges};
 use crate::time::{Finality, Time};
 use crate::views::{Row, ViewDef};
 
@@ -98,6 +98,7 @@ pub struct SinkStatus {
     any_commit: AtomicBool,
     recovery_target: AtomicU64,
     last_error: Mutex<Option<String>>,
+    fenced: Mutex<Option<String>>,
 }
 
 impl SinkStatus {
@@ -123,6 +124,21 @@ impl SinkStatus {
     /// The last commit error, until the next success.
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().clone()
+    }
+
+    /// Why the writer stopped for good: another writer holds the store.
+    pub fn fenced(&self) -> Option<String> {
+        self.fenced.lock().clone()
+    }
+
+    /// Resolves once the writer has been fenced, with the reason: the process must stop.
+    pub async fn wait_fenced(&self) -> String {
+        loop {
+            if let Some(why) = self.fenced() {
+                return why;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 }
 
@@ -270,6 +286,13 @@ pub fn spawn_writer(
                         *status.last_error.lock() = None;
                         tracing::debug!(upper = batch.upper, rows = batch.rows(), "committed");
                         break;
+                    }
+                    Err(StoreError::Fenced(why)) => {
+                        // Another writer owns the store now: committing more would corrupt
+                        // it, and retrying cannot help. Stop; the process exits on this.
+                        tracing::error!(reason = %why, upper = batch.upper, "sink fenced; no further commits");
+                        *status.fenced.lock() = Some(why);
+                        return;
                     }
                     Err(e) => {
                         metrics.sink_commit_errors.inc();

@@ -22,7 +22,9 @@ use timely::dataflow::operators::generic::operator::source;
 use super::classify::Click;
 use crate::log::{Log, LogPosition, PartitionBatch};
 use crate::metrics::Metrics;
-use crate::record::{AdRecord, ClickEvent, FraudVerdict, PartitionId, Payload, Topic};
+use crate::record::{
+    AdRecord, ClickEvent, FraudVerdict, PartitionId, Payload, Topic, is_heartbeat,
+};
 use crate::time::{Tick, Time};
 
 /// What the source emits.
@@ -108,6 +110,9 @@ pub fn log_source<'s>(
                         *floor_ms = (*floor_ms).max(record.record_time_ms);
                         let time = tick.time_of(*floor_ms);
                         last_time = Some(time);
+                        if is_heartbeat(&record.payload) {
+                            continue;
+                        }
                         match decode(batch.partition.topic, record.offset, *floor_ms, &record.payload, ttl_ms) {
                             Some(event @ (SourceEvent::Click(_) | SourceEvent::Verdict(_))) => {
                                 session.give((event.clone(), time, 1));

@@ -100,7 +100,7 @@ impl From<LogError> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match e {
-            StoreError::Unavailable(_) | StoreError::Inconsistent(_) => {
+            StoreError::Unavailable(_) | StoreError::Inconsistent(_) | StoreError::Fenced(_) => {
                 ApiError::unavailable("store_unavailable", e.to_string(), 2)
             }
             StoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),

@@ -79,6 +79,16 @@ pub enum StoreError {
     /// The stored data contradicts the configuration.
     #[error("store inconsistent: {0}")]
     Inconsistent(String),
+    /// Another writer (sink) holds the store; this one must not commit and must stop.
+    #[error("fenced: {0}")]
+    Fenced(String),
+}
+
+/// Proof that this process is the store's one sink writer, from [`Store::claim_writer`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriterClaim {
+    /// Incremented by every successful claim; commits check it in their transaction.
+    pub generation: u64,
 }
 
 /// An ad in the catalog.
@@ -169,8 +179,17 @@ pub trait Store: Send + Sync + 'static {
     /// the same tick (times must replay identically).
     fn recovery_point(&self, tick_ms: u64, horizon_ms: u64) -> Result<RecoveryPoint, StoreError>;
 
+    /// Makes this process the store's only sink writer, or fails with
+    /// [`StoreError::Fenced`] while another live writer holds it. Called once, before the
+    /// dataflow starts; a writer that dies (even by SIGKILL) releases its claim, so a
+    /// restart can claim again at once. After a successful claim, [`Store::commit`]
+    /// checks in its own transaction that the claim still stands, and fails with
+    /// `Fenced` (never retried) once it does not.
+    fn claim_writer(&self) -> Result<WriterClaim, StoreError>;
+
     /// Commits changes and progress in one transaction. A batch whose `upper` is not
-    /// beyond the committed frontier is already stored and is skipped.
+    /// beyond the committed frontier is already stored and is skipped. Requires a
+    /// successful [`Store::claim_writer`] by this process.
     fn commit(&self, batch: &ChangeBatch) -> Result<(), StoreError>;
 
     /// The committed frontier, if anything was committed.

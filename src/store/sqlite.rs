@@ -14,7 +14,7 @@ use rusqlite::{
 
 use super::{
     Ad, ChangeBatch, LateClick, Measures, MetricScope, RecoveryPoint, Store, StoreError, Upserted,
-    ViewChanges, decompose,
+    ViewChanges, WriterClaim, decompose,
 };
 use crate::dataflows::{ad_clicks, late_clicks};
 use crate::log::LogPosition;
@@ -45,6 +45,9 @@ struct ViewSql {
 
 /// The SQLite store.
 pub struct SqliteStore {
+    path: std::path::PathBuf,
+    /// The lock file held while this process is the writer, and its generation.
+    claim: Mutex<Option<(std::fs::File, u64)>>,
     writer: Mutex<Connection>,
     readers: r2d2::Pool<SqliteConnectionManager>,
     views: &'static [ViewDef],
@@ -229,6 +232,8 @@ impl SqliteStore {
             .build(manager)
             .map_err(|e| StoreError::Unavailable(format!("open store readers: {e}")))?;
         Ok(SqliteStore {
+            path: path.to_owned(),
+            claim: Mutex::new(None),
             writer: Mutex::new(conn),
             readers,
             views,
@@ -339,6 +344,22 @@ fn rollup_deltas(
             }
         }
     }
+}
+
+/// The generation of the last writer claim (0 before any).
+fn read_generation(conn: &Connection) -> Result<u64, StoreError> {
+    let value: Option<String> = conn
+        .query_row(
+            "SELECT value FROM settings WHERE key = 'writer_generation'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(unavailable("read settings"))?;
+    value.map_or(Ok(0), |v| {
+        v.parse()
+            .map_err(|_| StoreError::Inconsistent(format!("writer_generation is {v:?}")))
+    })
 }
 
 fn encode_positions(p: &BTreeMap<PartitionId, LogPosition>) -> String {
@@ -483,12 +504,71 @@ impl Store for SqliteStore {
         })
     }
 
+    fn claim_writer(&self) -> Result<WriterClaim, StoreError> {
+        let mut claim = self.claim.lock();
+        if let Some((_, generation)) = &*claim {
+            return Ok(WriterClaim {
+                generation: *generation,
+            });
+        }
+        // An OS lock, not a row: the kernel drops it when the process dies, however it
+        // dies, so a restart after kill -9 claims at once and two live processes never
+        // share a data directory.
+        let lock_path = self.path.with_extension("writer.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| StoreError::Unavailable(format!("open {}: {e}", lock_path.display())))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Fenced(format!(
+                    "another process is already the writer of {} (it holds {}); \
+                     one data directory serves one process",
+                    self.path.display(),
+                    lock_path.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(StoreError::Unavailable(format!(
+                    "lock {}: {e}",
+                    lock_path.display()
+                )));
+            }
+        }
+        let mut conn = self.writer.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(unavailable("begin claim"))?;
+        let generation = read_generation(&tx)? + 1;
+        tx.execute(
+            "INSERT INTO settings (key, value) VALUES ('writer_generation', ?1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [generation.to_string()],
+        )
+        .map_err(unavailable("write settings"))?;
+        tx.commit().map_err(unavailable("commit claim"))?;
+        *claim = Some((file, generation));
+        Ok(WriterClaim { generation })
+    }
+
     fn commit(&self, batch: &ChangeBatch) -> Result<(), StoreError> {
         let started = Instant::now();
+        let mine = self.claim.lock().as_ref().map(|(_, g)| *g).ok_or_else(|| {
+            StoreError::Fenced("this process has not claimed the store (claim_writer)".into())
+        })?;
         let mut conn = self.writer.lock();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(unavailable("begin commit"))?;
+        let current = read_generation(&tx)?;
+        if current != mine {
+            return Err(StoreError::Fenced(format!(
+                "writer generation {current} has replaced this one ({mine})"
+            )));
+        }
         let last: Option<i64> = tx
             .query_row("SELECT max(upper) FROM progress", [], |r| r.get(0))
             .map_err(unavailable("read progress"))?;
@@ -798,7 +878,7 @@ mod tests {
     use super::*;
     use crate::record::Topic;
 
-    fn store(dir: &Path) -> SqliteStore {
+    fn open(dir: &Path) -> SqliteStore {
         SqliteStore::open(
             &dir.join("store.db"),
             crate::dataflows::VIEWS,
@@ -808,6 +888,39 @@ mod tests {
             },
         )
         .expect("open")
+    }
+
+    fn store(dir: &Path) -> SqliteStore {
+        let s = open(dir);
+        s.claim_writer().expect("claim");
+        s
+    }
+
+    #[test]
+    fn one_writer_per_store_and_a_dead_one_releases_it() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let first = open(dir.path());
+        assert!(
+            matches!(
+                first.commit(&batch(1_000, vec![])),
+                Err(StoreError::Fenced(_))
+            ),
+            "no commit without a claim"
+        );
+        assert_eq!(first.claim_writer().expect("claim").generation, 1);
+        first.commit(&batch(1_000, vec![])).expect("commit");
+        let second = open(dir.path());
+        assert!(matches!(second.claim_writer(), Err(StoreError::Fenced(_))));
+        drop(first);
+        assert_eq!(
+            second
+                .claim_writer()
+                .expect("claim after release")
+                .generation,
+            2
+        );
+        second.commit(&batch(2_000, vec![])).expect("commit");
+        assert_eq!(second.committed_frontier().expect("frontier"), Some(2_000));
     }
 
     fn minute_row(ad: u64, w: Millis, campaign: u64, clicks: i64, spend: i64) -> (Row, Row) {
