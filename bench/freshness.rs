@@ -12,7 +12,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use clickagg::loadgen::LoadgenOptions;
-use common::{AD_SERVER, ADMIN, Server, TestTimes, client};
+use common::{AD_SERVER, ADMIN, Server, Target, TestTimes, client};
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -56,7 +56,7 @@ fn main() {
 
     // Background traffic: the project's own load generator, over HTTP, in this process.
     let options = LoadgenOptions {
-        url: server.base.clone(),
+        url: server.proc.base.clone(),
         admin_key: ADMIN.into(),
         ad_server_key: AD_SERVER.into(),
         rate,

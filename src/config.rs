@@ -88,6 +88,10 @@ pub struct HttpConfig {
     /// How long a click request waits for the log before answering 503.
     #[serde(deserialize_with = "duration")]
     pub append_timeout: Duration,
+    /// How often a process without the catalog in its own log (`ingest`) reloads it from
+    /// the store, so price and landing-URL changes reach the click path.
+    #[serde(deserialize_with = "duration")]
+    pub catalog_refresh: Duration,
 }
 
 /// Keys and the token secret; empty values are generated into the data directory.
@@ -153,6 +157,8 @@ pub struct LogConfig {
     pub verdict_partitions: u32,
     /// Kafka bootstrap servers, for `kind = "kafka"`.
     pub kafka_brokers: String,
+    /// Prefix of the Kafka topic names (`<prefix>clicks`, ...), to share a cluster.
+    pub topic_prefix: String,
 }
 
 /// Which store holds results, progress and the catalog.
@@ -311,6 +317,35 @@ const ENV_OVERRIDES: &[EnvOverride] = &[
         },
     },
     EnvOverride {
+        var: "CLICKAGG_TOPIC_PREFIX",
+        apply: |c, v| {
+            c.log.topic_prefix = v.to_owned();
+            Ok(())
+        },
+    },
+    EnvOverride {
+        var: "CLICKAGG_LOG_KIND",
+        apply: |c, v| {
+            c.log.kind = match v.trim() {
+                "embedded" => LogKind::Embedded,
+                "kafka" => LogKind::Kafka,
+                other => return Err(format!("{other:?} is neither embedded nor kafka")),
+            };
+            Ok(())
+        },
+    },
+    EnvOverride {
+        var: "CLICKAGG_STORE_KIND",
+        apply: |c, v| {
+            c.store.kind = match v.trim() {
+                "sqlite" => StoreKind::Sqlite,
+                "postgres" => StoreKind::Postgres,
+                other => return Err(format!("{other:?} is neither sqlite nor postgres")),
+            };
+            Ok(())
+        },
+    },
+    EnvOverride {
         var: "CLICKAGG_POSTGRES_URL",
         apply: |c, v| {
             c.store.postgres_url = v.to_owned();
@@ -429,6 +464,21 @@ impl Config {
         }
         if self.http.max_body_bytes < 1024 {
             return invalid("http.max_body_bytes", "must be at least 1024".into());
+        }
+        if self.http.catalog_refresh < Duration::from_millis(100) {
+            return invalid("http.catalog_refresh", "must be at least 100ms".into());
+        }
+        if !self
+            .log
+            .topic_prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            || self.log.topic_prefix.len() > 200
+        {
+            return invalid(
+                "log.topic_prefix",
+                "may hold only letters, digits, '.', '_' and '-' (at most 200)".into(),
+            );
         }
         if self.store.read_pool_size == 0 {
             return invalid("store.read_pool_size", "must be at least 1".into());

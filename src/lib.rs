@@ -12,6 +12,8 @@ pub mod dataflows;
 pub mod loadgen;
 pub mod log;
 pub mod metrics;
+pub mod process;
+pub mod production;
 pub mod record;
 pub mod secrets;
 pub mod serve;

@@ -81,6 +81,52 @@ impl Secrets {
     }
 }
 
+impl Secrets {
+    /// Fresh random keys for a process that serves no authenticated route: nobody knows
+    /// them, so nothing can authenticate against it.
+    pub fn unusable() -> Secrets {
+        Secrets {
+            admin_key: generate_key("unused_"),
+            ad_server_key: generate_key("unused_"),
+            token_secret: generate_key(""),
+        }
+    }
+
+    /// The configured secrets, all required: processes on several machines must share
+    /// them, so none may be generated locally (the production processes).
+    pub fn from_config(config: &Config) -> anyhow::Result<Secrets> {
+        let k = &config.keys;
+        for (value, key, var) in [
+            (&k.admin_key, "keys.admin_key", "CLICKAGG_ADMIN_KEY"),
+            (
+                &k.ad_server_key,
+                "keys.ad_server_key",
+                "CLICKAGG_AD_SERVER_KEY",
+            ),
+            (
+                &k.token_secret,
+                "keys.token_secret",
+                "CLICKAGG_TOKEN_SECRET",
+            ),
+        ] {
+            if value.is_empty() {
+                anyhow::bail!(
+                    "{key} is empty; the production processes share their keys and the token \
+                     secret, so set it in the config file or with {var}"
+                );
+            }
+        }
+        if k.token_secret.len() < 16 {
+            anyhow::bail!("keys.token_secret is shorter than 16 bytes; use a long random secret");
+        }
+        Ok(Secrets {
+            admin_key: k.admin_key.clone(),
+            ad_server_key: k.ad_server_key.clone(),
+            token_secret: k.token_secret.clone(),
+        })
+    }
+}
+
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);

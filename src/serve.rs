@@ -1,79 +1,23 @@
 //! `clickagg serve`: the whole pipeline in one process on the embedded log and SQLite.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
-use parking_lot::RwLock;
 
 use crate::config::{Config, LogKind, StoreKind};
-use crate::dataflow::classify::Rules;
-use crate::dataflow::{Engine, EngineSpec};
 use crate::log::Log;
 use crate::log::embedded::{EmbeddedLog, EmbeddedLogOptions};
 use crate::metrics::Metrics;
+use crate::process::{app_state, bind, serve_api, start_engine};
 use crate::secrets::Secrets;
-use crate::server::{AppState, router};
+use crate::server::Role;
 use crate::store::Store;
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
-use crate::token::TokenSigner;
 
 /// Where `serve` keeps its SQLite store.
 pub fn store_path(config: &Config) -> PathBuf {
     config.data_dir.join("store.db")
-}
-
-/// The file `serve` writes its bound HTTP address to (useful with port 0).
-pub fn addr_path(config: &Config) -> PathBuf {
-    config.data_dir.join("http.addr")
-}
-
-/// The dataflow's parameters from the config.
-pub fn engine_spec(config: &Config, recovery: crate::store::RecoveryPoint) -> EngineSpec {
-    EngineSpec {
-        workers: config.workers,
-        tick: config.tick(),
-        horizon_ms: config.horizon_ms(),
-        ttl_ms: config.time.impression_ttl.as_millis() as u64,
-        rules: Rules {
-            lateness_ms: config.time.allowed_lateness.as_millis() as u64,
-            max_clicks_per_ip_per_second: config.fraud.max_clicks_per_ip_per_second,
-        },
-        finality: config.finality(),
-        recovery,
-        idle_commit_interval: Duration::from_secs(1),
-    }
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
-    }
-    tracing::info!("shutting down");
 }
 
 /// Runs everything until Ctrl-C or SIGTERM; with `demo`, also a load generator.
@@ -85,7 +29,7 @@ pub async fn run(
         bail!(
             "`clickagg serve` runs on the embedded log and SQLite (log.kind = \"embedded\", store.kind = \
              \"sqlite\"); Kafka and Postgres are for the production processes `ingest`, `worker` and \
-             `query`, which are not built yet"
+             `query`"
         );
     }
     let config = Arc::new(config);
@@ -115,47 +59,23 @@ pub async fn run(
         )
         .context("opening the SQLite store")?,
     );
-    let recovery = store
-        .recovery_point(config.tick().ms(), config.horizon_ms())
-        .context("reading the committed progress")?;
-    tracing::info!(
-        committed_frontier = recovery.as_of,
-        replay_from = ?recovery.replay_from,
-        horizon_ms = config.horizon_ms(),
-        "recovery point"
-    );
-    let engine = Engine::start(
+    let engine = start_engine(
+        Arc::clone(&config),
         Arc::clone(&log),
         Arc::clone(&store),
-        engine_spec(&config, recovery),
         Arc::clone(&metrics),
-    )?;
-
-    let ads = store.ads().context("loading the catalog")?;
-    let state = AppState {
-        signer: TokenSigner::new(
-            secrets.token_secret.as_bytes(),
-            config.time.impression_ttl.as_millis() as u64,
-        ),
-        secrets: Arc::new(secrets),
+    )
+    .await?;
+    let state = app_state(
+        Arc::clone(&config),
+        secrets,
         log,
         store,
         metrics,
-        ads: Arc::new(RwLock::new(
-            ads.into_iter().map(|a| (a.ad_id, Arc::new(a))).collect(),
-        )),
-        advertiser_keys: Arc::new(RwLock::new(HashMap::new())),
-        catalog_writes: Arc::new(tokio::sync::Mutex::new(())),
-        sink: Some(Arc::clone(&engine.status)),
-        finality: config.finality(),
-        config: Arc::clone(&config),
-    };
-
-    let listener = tokio::net::TcpListener::bind(config.http.addr)
-        .await
-        .with_context(|| format!("binding {}", config.http.addr))?;
-    let addr = listener.local_addr()?;
-    std::fs::write(addr_path(&config), addr.to_string())?;
+        Some(Arc::clone(&engine.status)),
+    )
+    .await?;
+    let (listener, addr) = bind(&config).await?;
     print_banner(&config, &addr, &secrets_path);
 
     if let Some(mut options) = demo {
@@ -170,23 +90,9 @@ pub async fn run(
         });
     }
 
-    let status = Arc::clone(&engine.status);
-    let fenced = Arc::new(parking_lot::Mutex::new(None));
-    let stop = {
-        let fenced = Arc::clone(&fenced);
-        async move {
-            tokio::select! {
-                _ = shutdown_signal() => {}
-                why = status.wait_fenced() => *fenced.lock() = Some(why),
-            }
-        }
-    };
-    crate::server::serve(listener, router(state), stop).await?;
+    let served = serve_api(listener, state, Role::All).await;
     tokio::task::spawn_blocking(move || engine.shutdown()).await?;
-    if let Some(why) = fenced.lock().take() {
-        bail!("stopped: the sink was fenced ({why})");
-    }
-    Ok(())
+    served
 }
 
 fn print_banner(config: &Config, addr: &std::net::SocketAddr, secrets_path: &std::path::Path) {

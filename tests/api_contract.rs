@@ -9,13 +9,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use clickagg::token::{Impression, TokenSigner};
-use common::{AD_SERVER, ADMIN, Server, TestTimes, client, metric, now_ms};
+use common::{AD_SERVER, ADMIN, Server, TOKEN_SECRET, Target, TestTimes, client, metric, now_ms};
 use reqwest::Method;
 use serde_json::{Value, json};
-
-/// The token secret `common::Server` runs with, to forge tokens the server must refuse
-/// (expired ones, and ones for ads that do not exist).
-const TOKEN_SECRET: &[u8] = b"test-token-secret-0123456789abcdef";
 
 /// One row of the bad-input table.
 struct Case {
@@ -70,6 +66,8 @@ fn raw(
     }
 }
 
+/// A token signed with the test servers' secret, to forge ones they must refuse (expired,
+/// or for an ad that does not exist).
 fn forged_token(ad_id: u64, issued_at_ms: u64) -> String {
     TokenSigner::new(TOKEN_SECRET, TestTimes::default().ttl_s * 1000).sign(&Impression {
         impression_id: 0x1234_5678_9abc_def0_1122_3344_5566_7788,

@@ -129,35 +129,56 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-/// The whole API.
-pub fn router(state: AppState) -> Router {
+/// Which part of the API a process serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Everything on one port: `clickagg serve`.
+    All,
+    /// The click paths and fraud verdicts, which go to the log: `clickagg ingest`.
+    Ingest,
+    /// Catalog, impressions and advertiser metrics, from the store: `clickagg query`.
+    Query,
+    /// Operations only (health, readiness, metrics): `clickagg worker`.
+    Worker,
+}
+
+/// The API of one process role.
+pub fn router(state: AppState, role: Role) -> Router {
     let limit = axum::extract::DefaultBodyLimit::max(state.config.http.max_body_bytes);
     let metrics = Arc::clone(&state.metrics);
-    Router::new()
-        .route("/c/{token}", get(clicks::redirect))
-        .route("/v1/clicks", post(clicks::batch))
-        .route("/v1/impressions", post(catalog::impressions))
-        .route("/v1/advertisers", post(catalog::create_advertiser))
-        .route("/v1/ads/{ad_id}", put(catalog::put_ad).get(catalog::get_ad))
-        .route("/v1/fraud-verdicts", post(catalog::fraud_verdicts))
-        .route("/v1/ads/{ad_id}/clicks", get(query::ad_clicks))
-        .route("/v1/ads/{ad_id}/late-clicks", get(query::ad_late_clicks))
-        .route(
-            "/v1/campaigns/{campaign_id}/clicks",
-            get(query::campaign_clicks),
-        )
-        .route(
-            "/v1/advertisers/{advertiser_id}/clicks",
-            get(query::advertiser_clicks),
-        )
-        .route(
-            "/v1/advertisers/{advertiser_id}/top-ads",
-            get(query::top_ads),
-        )
-        .route("/healthz", get(ops::healthz))
+    let ingest = matches!(role, Role::All | Role::Ingest);
+    let query = matches!(role, Role::All | Role::Query);
+    let mut app = Router::new();
+    if ingest {
+        app = app
+            .route("/c/{token}", get(clicks::redirect))
+            .route("/v1/clicks", post(clicks::batch))
+            .route("/v1/fraud-verdicts", post(catalog::fraud_verdicts));
+    }
+    if query {
+        app = app
+            .route("/v1/impressions", post(catalog::impressions))
+            .route("/v1/advertisers", post(catalog::create_advertiser))
+            .route("/v1/ads/{ad_id}", put(catalog::put_ad).get(catalog::get_ad))
+            .route("/v1/ads/{ad_id}/clicks", get(query::ad_clicks))
+            .route("/v1/ads/{ad_id}/late-clicks", get(query::ad_late_clicks))
+            .route(
+                "/v1/campaigns/{campaign_id}/clicks",
+                get(query::campaign_clicks),
+            )
+            .route(
+                "/v1/advertisers/{advertiser_id}/clicks",
+                get(query::advertiser_clicks),
+            )
+            .route(
+                "/v1/advertisers/{advertiser_id}/top-ads",
+                get(query::top_ads),
+            )
+            .route("/openapi.json", get(ops::openapi));
+    }
+    app.route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
-        .route("/openapi.json", get(ops::openapi))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(limit)

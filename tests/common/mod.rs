@@ -3,19 +3,24 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use reqwest::blocking::{Client, Response};
 use serde_json::{Value, json};
 
+pub mod compare;
 pub mod oracle;
+pub mod process;
 pub mod workload;
+
+pub use process::Proc;
 
 /// The admin key every test server runs with.
 pub const ADMIN: &str = "test-admin-key";
 /// The ad-server key every test server runs with.
 pub const AD_SERVER: &str = "test-ad-server-key";
+/// The token secret every test server runs with.
+pub const TOKEN_SECRET: &[u8] = b"test-token-secret-0123456789abcdef";
 
 /// Milliseconds since the epoch.
 pub fn now_ms() -> u64 {
@@ -47,157 +52,49 @@ impl Default for TestTimes {
     }
 }
 
-/// A `clickagg serve` child process on a data directory that outlives restarts.
-pub struct Server {
-    pub dir: tempfile::TempDir,
-    pub times: TestTimes,
-    child: Option<Child>,
-    pub base: String,
-    pub starts: u32,
-}
-
-impl Server {
-    /// Starts a server (2 workers) on a fresh data directory and waits until it is ready.
-    pub fn start(times: TestTimes) -> Server {
-        Server::start_with(times, 2)
-    }
-
-    /// Starts a server with `workers` timely workers.
-    pub fn start_with(times: TestTimes, workers: usize) -> Server {
-        let dir = tempfile::Builder::new()
-            .prefix("clickagg-test-")
-            .tempdir()
-            .expect("temp dir");
-        let config = format!(
-            "data_dir = {data:?}\nworkers = {workers}\n\n[http]\naddr = \"127.0.0.1:0\"\ntrust_forwarded_for = true\n\n\
+impl TestTimes {
+    /// The `[time]` and `[fraud]` sections (and `workers`) of a config file.
+    pub fn config_toml(&self, workers: usize) -> String {
+        format!(
+            "workers = {workers}\n\n[http]\ntrust_forwarded_for = true\n\n\
              [time]\ntick = \"{tick}ms\"\nimpression_ttl = \"{ttl}s\"\nallowed_lateness = \"{late}s\"\n\
              correction_window = \"{corr}s\"\n\n[fraud]\nmax_clicks_per_ip_per_second = {n}\n",
-            data = dir.path().join("data").display().to_string(),
-            tick = times.tick_ms,
-            ttl = times.ttl_s,
-            late = times.lateness_s,
-            corr = times.correction_s,
-            n = times.max_clicks_per_ip_per_second,
-        );
-        std::fs::write(dir.path().join("clickagg.toml"), config).expect("write config");
-        let mut server = Server {
-            dir,
-            times,
-            child: None,
-            base: String::new(),
-            starts: 0,
-        };
-        server.spawn();
-        server
+            tick = self.tick_ms,
+            ttl = self.ttl_s,
+            late = self.lateness_s,
+            corr = self.correction_s,
+            n = self.max_clicks_per_ip_per_second,
+        )
     }
+}
 
-    /// The data directory (embedded log and store).
-    pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
+/// The keys every test process runs with.
+pub fn key_env() -> Vec<(String, String)> {
+    vec![
+        ("CLICKAGG_ADMIN_KEY".into(), ADMIN.into()),
+        ("CLICKAGG_AD_SERVER_KEY".into(), AD_SERVER.into()),
+        (
+            "CLICKAGG_TOKEN_SECRET".into(),
+            String::from_utf8_lossy(TOKEN_SECRET).into_owned(),
+        ),
+    ]
+}
 
-    fn spawn(&mut self) {
-        let addr_file = self.data_dir().join("http.addr");
-        let _ = std::fs::remove_file(&addr_file);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("server.log"))
-            .expect("server log");
-        let child = Command::new(env!("CARGO_BIN_EXE_clickagg"))
-            .arg("serve")
-            .arg("--config")
-            .arg(self.dir.path().join("clickagg.toml"))
-            .env("CLICKAGG_ADMIN_KEY", ADMIN)
-            .env("CLICKAGG_AD_SERVER_KEY", AD_SERVER)
-            .env(
-                "CLICKAGG_TOKEN_SECRET",
-                "test-token-secret-0123456789abcdef",
-            )
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log handle"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn clickagg serve");
-        self.child = Some(child);
-        self.starts += 1;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!(
-                    "clickagg serve exited during start: {status}\n{}",
-                    self.log_tail()
-                );
-            }
-            if let Ok(addr) = std::fs::read_to_string(&addr_file) {
-                let addr = addr.trim();
-                if !addr.is_empty() {
-                    self.base = format!("http://{addr}");
-                    let ready = client()
-                        .get(format!("{}/readyz", self.base))
-                        .send()
-                        .map(|r| r.status().is_success())
-                        .unwrap_or(false);
-                    if ready {
-                        return;
-                    }
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server not ready in 120 s\n{}",
-                self.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// The last lines the server logged.
-    pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-
-    /// The OS id of the running server process.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
-
-    /// SIGKILLs the server (no chance to flush or commit).
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts the server again on the same data directory.
-    pub fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-
-    /// Whether the process is still running.
-    pub fn alive(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => false,
-        }
-    }
-
-    /// A URL on this server.
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
+/// A deployment the tests talk to over HTTP: one `serve`, or a production cluster.
+pub trait Target {
+    /// The URL of `path` on the process that serves it.
+    fn url(&self, path: &str) -> String;
+    /// The timing rules it runs with.
+    fn times(&self) -> &TestTimes;
+    /// Restarts whatever process has died (after a kill), waiting until it is ready.
+    fn heal(&mut self);
+    /// The processes chaos may kill.
+    fn victims(&self) -> Vec<u32>;
+    /// What the processes last logged.
+    fn log_tail(&self) -> String;
 
     /// GET with a key; panics on a transport error.
-    pub fn get(&self, key: &str, path: &str) -> Response {
+    fn get(&self, key: &str, path: &str) -> Response {
         client()
             .get(self.url(path))
             .bearer_auth(key)
@@ -206,7 +103,7 @@ impl Server {
     }
 
     /// GET as admin, expecting 200 and JSON.
-    pub fn get_json(&self, path: &str) -> Value {
+    fn get_json(&self, path: &str) -> Value {
         let r = self.get(ADMIN, path);
         let status = r.status();
         let body: Value = r.json().expect("json body");
@@ -215,7 +112,7 @@ impl Server {
     }
 
     /// Sends JSON with a method and a key; panics on a transport error.
-    pub fn send(&self, method: reqwest::Method, key: &str, path: &str, body: &Value) -> Response {
+    fn send(&self, method: reqwest::Method, key: &str, path: &str, body: &Value) -> Response {
         client()
             .request(method, self.url(path))
             .bearer_auth(key)
@@ -225,7 +122,7 @@ impl Server {
     }
 
     /// Creates an advertiser, returning its API key.
-    pub fn create_advertiser(&self, id: u64) -> String {
+    fn create_advertiser(&self, id: u64) -> String {
         let r = self.send(
             reqwest::Method::POST,
             ADMIN,
@@ -238,7 +135,7 @@ impl Server {
     }
 
     /// Creates or updates an ad.
-    pub fn put_ad(&self, ad: u64, advertiser: u64, campaign: u64, cpc_micros: u64) {
+    fn put_ad(&self, ad: u64, advertiser: u64, campaign: u64, cpc_micros: u64) {
         let r = self.send(
             reqwest::Method::PUT,
             ADMIN,
@@ -255,7 +152,7 @@ impl Server {
     }
 
     /// Mints `n` impressions of an ad: (impression id hex, token).
-    pub fn impressions(&self, ad: u64, n: usize) -> Vec<(String, String)> {
+    fn impressions(&self, ad: u64, n: usize) -> Vec<(String, String)> {
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
             let k = (n - out.len()).min(1000);
@@ -277,14 +174,15 @@ impl Server {
         out
     }
 
-    /// The committed frontier (`complete_through`) in ms, seen through an ad's series.
-    pub fn complete_through(&self, ad: u64) -> Option<u64> {
+    /// `complete_through` in ms, seen through an ad's series: every click acknowledged by
+    /// then is counted.
+    fn complete_through(&self, ad: u64) -> Option<u64> {
         let body = self.get_json(&format!("/v1/ads/{ad}/clicks?granularity=1d"));
         body["complete_through"].as_str().map(parse_rfc3339)
     }
 
     /// Waits until `complete_through` reaches `t`: every click acknowledged by `t` counted.
-    pub fn wait_complete_through(&self, ad: u64, t: u64, limit: Duration) -> Duration {
+    fn wait_complete_through(&self, ad: u64, t: u64, limit: Duration) -> Duration {
         let start = Instant::now();
         loop {
             if self.complete_through(ad).is_some_and(|c| c >= t) {
@@ -299,15 +197,112 @@ impl Server {
         }
     }
 
+    /// The text of `/metrics` of the process serving `path`'s side.
+    fn metrics_of(&self, path: &str) -> String {
+        client()
+            .get(self.url(path))
+            .send()
+            .and_then(|r| r.text())
+            .unwrap_or_else(|e| panic!("metrics: {e}"))
+    }
+}
+
+/// A `clickagg serve` child process on a data directory that outlives restarts.
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub times: TestTimes,
+    pub proc: Proc,
+}
+
+impl Server {
+    /// Starts a server (2 workers) on a fresh data directory and waits until it is ready.
+    pub fn start(times: TestTimes) -> Server {
+        Server::start_with(times, 2)
+    }
+
+    /// Starts a server with `workers` timely workers.
+    pub fn start_with(times: TestTimes, workers: usize) -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("clickagg-test-")
+            .tempdir()
+            .expect("temp dir");
+        let config_path = dir.path().join("clickagg.toml");
+        std::fs::write(&config_path, times.config_toml(workers)).expect("write config");
+        let mut proc = Proc::new(
+            "serve",
+            &["serve", "--config", &config_path.display().to_string()],
+            key_env(),
+            dir.path().join("data"),
+            dir.path().join("server.log"),
+        );
+        proc.start(Duration::from_secs(120));
+        Server { dir, times, proc }
+    }
+
+    /// The data directory (embedded log and store).
+    pub fn data_dir(&self) -> PathBuf {
+        self.proc.data_dir.clone()
+    }
+
+    /// How often the server was started.
+    pub fn starts(&self) -> u32 {
+        self.proc.starts
+    }
+
+    /// The OS id of the running server process.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
+    /// SIGKILLs the server (no chance to flush or commit).
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts the server again on the same data directory.
+    pub fn restart(&mut self) {
+        self.proc.kill();
+        self.proc.start(Duration::from_secs(120));
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.proc.alive()
+    }
+
     /// The text of `/metrics`.
     pub fn metrics(&self) -> String {
-        self.get(ADMIN, "/metrics").text().expect("metrics text")
+        self.metrics_of("/metrics")
+    }
+}
+
+impl Target for Server {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.proc.base)
+    }
+
+    fn times(&self) -> &TestTimes {
+        &self.times
+    }
+
+    fn heal(&mut self) {
+        if !self.proc.alive() {
+            self.restart();
+        }
+    }
+
+    fn victims(&self) -> Vec<u32> {
+        self.proc.pid().into_iter().collect()
+    }
+
+    fn log_tail(&self) -> String {
+        self.proc.log_tail()
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.kill();
+        self.proc.kill();
         if std::env::var_os("CLICKAGG_KEEP_TEST_DIR").is_some() || std::thread::panicking() {
             let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
             eprintln!("test data kept in {}", dir.keep().display());

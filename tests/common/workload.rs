@@ -12,7 +12,7 @@ use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
 
 use super::oracle::{Ad, Oracle, SentClick};
-use super::{ADMIN, Server, now_ms};
+use super::{ADMIN, Target, now_ms};
 
 /// Kills planned at request numbers.
 #[derive(Debug, Default)]
@@ -23,7 +23,7 @@ pub struct Chaos {
 
 /// Sends requests, restarting a dead server and retrying until acknowledged.
 pub struct Driver<'a> {
-    pub server: &'a mut Server,
+    pub server: &'a mut dyn Target,
     pub chaos: Option<Chaos>,
     pub requests: u64,
     pub retries: u64,
@@ -40,7 +40,7 @@ pub struct Acked {
 }
 
 impl<'a> Driver<'a> {
-    pub fn new(server: &'a mut Server, seed: u64, chaos: Option<Chaos>) -> Driver<'a> {
+    pub fn new(server: &'a mut dyn Target, seed: u64, chaos: Option<Chaos>) -> Driver<'a> {
         Driver {
             server,
             chaos,
@@ -53,7 +53,11 @@ impl<'a> Driver<'a> {
     /// Kills the server now (SIGKILL), from another thread after a random delay so the
     /// kill lands in the middle of whatever the server is doing.
     pub fn kill_soon(&mut self) {
-        let Some(pid) = self.server.pid() else { return };
+        let victims = self.server.victims();
+        if victims.is_empty() {
+            return;
+        }
+        let pid = victims[self.rng.random_range(0..victims.len())];
         let delay = Duration::from_millis(self.rng.random_range(0..40));
         std::thread::spawn(move || {
             std::thread::sleep(delay);
@@ -92,9 +96,7 @@ impl<'a> Driver<'a> {
             if attempt > 0 {
                 self.retries += 1;
                 std::thread::sleep(Duration::from_millis(100));
-                if !self.server.alive() {
-                    self.server.restart();
-                }
+                self.server.heal();
             }
             let mut req = super::client().request(method.clone(), self.server.url(path));
             if let Some(key) = key {
@@ -450,7 +452,7 @@ pub fn run(
     spec: &WorkloadSpec,
     mut between: impl FnMut(&mut Driver, &Oracle, u64),
 ) -> (Oracle, u64) {
-    let t = d.server.times.clone();
+    let t = d.server.times().clone();
     let mut oracle = Oracle::new(
         t.lateness_s * 1000,
         t.ttl_s * 1000,
