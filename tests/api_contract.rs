@@ -705,3 +705,4 @@ fn an_acknowledged_click_is_visible_within_seconds() {
         latencies.len()
     );
 }
+

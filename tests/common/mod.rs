@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 pub mod compare;
 pub mod oracle;
+pub mod postgres;
 pub mod process;
 pub mod workload;
 
