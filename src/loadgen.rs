@@ -24,8 +24,10 @@ use crate::time::now_ms;
 /// What to send.
 #[derive(Clone, Debug)]
 pub struct LoadgenOptions {
-    /// Base URL of the server.
+    /// Where clicks go: the `serve` or `ingest` base URL.
     pub url: String,
+    /// Where the catalog and impressions go (`query` in production); default `url`.
+    pub query_url: Option<String>,
     /// Admin key (creates the catalog).
     pub admin_key: String,
     /// Ad-server key (mints impressions).
@@ -64,6 +66,7 @@ impl Default for LoadgenOptions {
     fn default() -> Self {
         LoadgenOptions {
             url: "http://127.0.0.1:8080".into(),
+            query_url: None,
             admin_key: String::new(),
             ad_server_key: String::new(),
             rate: 1_000,
@@ -162,7 +165,10 @@ struct Sent {
 
 struct Client {
     http: reqwest::Client,
+    /// Where clicks go (`serve`, or `ingest` in production).
     url: String,
+    /// Where the catalog and impressions go (`serve`, or `query` in production).
+    query_url: String,
     admin: String,
     ad_server: String,
 }
@@ -176,7 +182,7 @@ impl Client {
     ) -> anyhow::Result<reqwest::StatusCode> {
         let r = self
             .http
-            .request(method, format!("{}{path}", self.url))
+            .request(method, format!("{}{path}", self.query_url))
             .bearer_auth(&self.admin)
             .json(&body)
             .send()
@@ -188,7 +194,7 @@ impl Client {
     async fn mint(&self, ad_id: u64, user: &str, count: u32) -> anyhow::Result<Vec<String>> {
         let r = self
             .http
-            .post(format!("{}/v1/impressions", self.url))
+            .post(format!("{}/v1/impressions", self.query_url))
             .bearer_auth(&self.ad_server)
             .json(&json!({ "ad_id": ad_id, "user_id": user, "count": count }))
             .send()
@@ -252,6 +258,12 @@ pub async fn run(options: LoadgenOptions) -> anyhow::Result<LoadgenReport> {
             .timeout(Duration::from_secs(30))
             .build()?,
         url: options.url.trim_end_matches('/').to_owned(),
+        query_url: options
+            .query_url
+            .as_deref()
+            .unwrap_or(&options.url)
+            .trim_end_matches('/')
+            .to_owned(),
         admin: options.admin_key.clone(),
         ad_server: options.ad_server_key.clone(),
     });

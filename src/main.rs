@@ -75,9 +75,12 @@ enum ConfigCommand {
 
 #[derive(Args)]
 struct LoadgenArgs {
-    /// Server base URL.
+    /// Where clicks go: `serve`'s base URL, or `ingest`'s in production.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     url: String,
+    /// Where the catalog and impressions go in production (`query`); default --url.
+    #[arg(long)]
+    query_url: Option<String>,
     /// Admin key (default: read from <data-dir>/secrets.toml).
     #[arg(long, env = "CLICKAGG_ADMIN_KEY", hide_env_values = true)]
     admin_key: Option<String>,
@@ -184,6 +187,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Loadgen(a) => {
             let options = LoadgenOptions {
                 url: a.url,
+                query_url: a.query_url,
                 admin_key: read_secret(&a.data_dir, a.admin_key, "admin_key")?,
                 ad_server_key: read_secret(&a.data_dir, a.ad_server_key, "ad_server_key")?,
                 rate: a.rate,
