@@ -20,7 +20,7 @@ fn randomised_workload_equals_oracle() {
         impressions_per_phase: 25_000,
         batch_size: 500,
         redirects: 300,
-        check_between_phases: true,
+        duplicates_stay_in_minute: false,
     };
     let started = Instant::now();
     let mut driver = Driver::new(&mut server, spec.seed, None);
@@ -79,7 +79,7 @@ fn sigkill_three_times_equals_oracle() {
         impressions_per_phase: 25_000,
         batch_size: 500,
         redirects: 0,
-        check_between_phases: false,
+        duplicates_stay_in_minute: false,
     };
     eprintln!("seed {seed}, kills before requests {kills:?}");
     let mut driver = Driver::new(

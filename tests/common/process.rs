@@ -51,6 +51,12 @@ impl Proc {
 
     /// Starts it and waits (up to `limit`) until `/readyz` answers 200.
     pub fn start(&mut self, limit: Duration) {
+        self.start_detached();
+        self.wait_ready(limit);
+    }
+
+    /// Starts it without waiting for anything (e.g. a process expected to refuse).
+    pub fn start_detached(&mut self) {
         let addr_file = self.data_dir.join("http.addr");
         let _ = std::fs::remove_file(&addr_file);
         std::fs::create_dir_all(&self.data_dir).expect("data dir");
@@ -69,6 +75,11 @@ impl Proc {
             .unwrap_or_else(|e| panic!("spawn clickagg {}: {e}", self.name));
         self.child = Some(child);
         self.starts += 1;
+    }
+
+    /// Waits (up to `limit`) until `/readyz` answers 200; panics if it exits meanwhile.
+    pub fn wait_ready(&mut self, limit: Duration) {
+        let addr_file = self.data_dir.join("http.addr");
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self

@@ -141,8 +141,9 @@ pub struct WorkloadSpec {
     pub impressions_per_phase: usize,
     pub batch_size: usize,
     pub redirects: usize,
-    /// Check the counts after phase one (before verdicts and price changes).
-    pub check_between_phases: bool,
+    /// Earlier-event-time duplicates stay in their original's minute, so no legitimate
+    /// update ever lowers a window's total (for tests that watch the store for drops).
+    pub duplicates_stay_in_minute: bool,
 }
 
 /// One impression the test may click.
@@ -264,6 +265,7 @@ fn plan_phase(
     ips: &mut Ips,
     phase: u32,
     carried: &mut Vec<Planned>,
+    spec: &WorkloadSpec,
 ) -> Vec<Planned> {
     let now = now_ms();
     let mut out = Vec::new();
@@ -276,7 +278,7 @@ fn plan_phase(
     // Three bursts of 8 clicks from one IP in one second (fraud with N = 5) and one
     // group of exactly 5 (not fraud).
     for (g, group) in bursts.chunks(8).enumerate() {
-        let ip = format!("192.0.2.{}", phase * 10 + g as u32);
+        let ip = format!("198.18.{}.{}", phase % 256, g);
         let second = (now - 5_000 - g as u64 * 1_000) / 1000 * 1000;
         for imp in group {
             out.push(Planned {
@@ -320,6 +322,9 @@ fn plan_phase(
                 // an earlier minute, after the first copy was counted.
                 2 => {
                     dup.event_ms = first.event_ms - rng.random_range(1..15_000);
+                    if spec.duplicates_stay_in_minute {
+                        dup.event_ms = dup.event_ms.max(first.event_ms / 60_000 * 60_000);
+                    }
                     carried.push(dup);
                 }
                 // A later event time in the next phase: a plain duplicate.
@@ -334,8 +339,13 @@ fn plan_phase(
     out
 }
 
-fn send_clicks(d: &mut Driver, oracle: &mut Oracle, clicks: &[Planned], prices: &[(u64, u64)]) {
-    let batch_size = 500;
+fn send_clicks(
+    d: &mut Driver,
+    oracle: &mut Oracle,
+    clicks: &[Planned],
+    prices: &[(u64, u64)],
+    batch_size: usize,
+) {
     for batch in clicks.chunks(batch_size) {
         let items: Vec<Value> = batch
             .iter()
@@ -450,7 +460,17 @@ fn send_verdicts(d: &mut Driver, oracle: &mut Oracle, imps: &[String]) {
 pub fn run(
     d: &mut Driver,
     spec: &WorkloadSpec,
+    between: impl FnMut(&mut Driver, &Oracle, u64),
+) -> (Oracle, u64) {
+    run_until(d, spec, between, || false)
+}
+
+/// Like [`run`], then keeps sending rounds of fresh clicks while `keep_going()` holds.
+pub fn run_until(
+    d: &mut Driver,
+    spec: &WorkloadSpec,
     mut between: impl FnMut(&mut Driver, &Oracle, u64),
+    keep_going: impl Fn() -> bool,
 ) -> (Oracle, u64) {
     let t = d.server.times().clone();
     let mut oracle = Oracle::new(
@@ -467,8 +487,8 @@ pub fn run(
 
     let mut carried = Vec::new();
     let mut rng = StdRng::seed_from_u64(spec.seed ^ 0xa5a5);
-    let clicks_a = plan_phase(&mut rng, phase_a, &mut ips, 1, &mut carried);
-    send_clicks(d, &mut oracle, &clicks_a, &prices);
+    let clicks_a = plan_phase(&mut rng, phase_a, &mut ips, 1, &mut carried, spec);
+    send_clicks(d, &mut oracle, &clicks_a, &prices, spec.batch_size);
     let last_ack = oracle.clicks.iter().map(|c| c.ack_ms).max().unwrap_or(0);
     between(d, &oracle, last_ack);
 
@@ -494,14 +514,22 @@ pub fn run(
     }
 
     let mut carried_b = Vec::new();
-    let mut clicks_b = plan_phase(&mut rng, phase_b, &mut ips, 2, &mut carried_b);
+    let mut clicks_b = plan_phase(&mut rng, phase_b, &mut ips, 2, &mut carried_b, spec);
     clicks_b.extend(carried);
     clicks_b.shuffle(&mut rng);
-    send_clicks(d, &mut oracle, &clicks_b, &prices);
+    send_clicks(d, &mut oracle, &clicks_b, &prices, spec.batch_size);
     // Phase two's own late-arriving copies (some with an earlier event time) go last.
     carried_b.shuffle(&mut rng);
-    send_clicks(d, &mut oracle, &carried_b, &prices);
+    send_clicks(d, &mut oracle, &carried_b, &prices, spec.batch_size);
     send_redirects(d, &mut oracle, redirect_imps, &mut ips, &prices);
+    let mut round = 3;
+    while keep_going() {
+        // Steady traffic until the caller says stop: fresh impressions, some duplicated.
+        let imps = mint(d, &prices, 2_000);
+        let clicks = plan_phase(&mut rng, &imps, &mut ips, round, &mut Vec::new(), spec);
+        send_clicks(d, &mut oracle, &clicks, &prices, spec.batch_size);
+        round += 1;
+    }
     let last_ack = oracle.clicks.iter().map(|c| c.ack_ms).max().unwrap_or(0);
     (oracle, last_ack.max(now_ms()))
 }
