@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use reqwest::blocking::{Client, Response};
 use serde_json::{Value, json};
 
+pub mod broker;
 pub mod oracle;
 pub mod workload;
 
