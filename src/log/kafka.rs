@@ -20,7 +20,13 @@
 //!   [`KafkaLog::spawn_heartbeats`]), never through a reader-side clock, because only what
 //!   is in the log is replayed identically.
 //! - **Progress lives in the store**, not in consumer-group offsets: readers assign their
-//!   partitions manually at explicit offsets and never commit.
+//!   partitions manually at explicit offsets and never commit. A position whose records
+//!   are gone (retention, a recreated topic) stops the reader with `Inconsistent`; it
+//!   never skips ahead.
+//!
+//! "Durable" means what `acks=all` means: on a real cluster, written to
+//! `min.insync.replicas` brokers (set `replication_factor` 3 and `min_insync_replicas` 2),
+//! not fsynced. The tests use tansu with SQLite storage, which survives `kill -9`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -45,7 +51,7 @@ use crate::record::{HEARTBEAT, PartitionId, Topic};
 use crate::time::{Millis, now_ms};
 
 /// How to reach the Kafka cluster and how to lay out and use its topics.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct KafkaLogOptions {
     /// Bootstrap servers, `host:port[,host:port...]`.
     pub brokers: String,
@@ -117,6 +123,13 @@ impl KafkaLogOptions {
         }
     }
 
+    /// Whether a librdkafka property holds a credential, whose value must not be logged.
+    fn is_secret(key: &str) -> bool {
+        ["password", "secret", "token", "key.pem", "jaas"]
+            .iter()
+            .any(|s| key.contains(s))
+    }
+
     fn validate(&self) -> Result<(), LogError> {
         let bad = |what: &str| Err(LogError::Inconsistent(format!("kafka log options: {what}")));
         if self.brokers.trim().is_empty() {
@@ -138,6 +151,39 @@ impl KafkaLogOptions {
             return bad("max_poll_records must be positive");
         }
         Ok(())
+    }
+}
+
+// By hand, so that credentials among `properties` never reach a log line.
+impl std::fmt::Debug for KafkaLogOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let properties: Vec<(&str, &str)> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let shown = if Self::is_secret(k) { "<redacted>" } else { v };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("KafkaLogOptions")
+            .field("brokers", &self.brokers)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("click_partitions", &self.click_partitions)
+            .field("verdict_partitions", &self.verdict_partitions)
+            .field("replication_factor", &self.replication_factor)
+            .field("min_insync_replicas", &self.min_insync_replicas)
+            .field("retention", &self.retention)
+            .field("append_timeout", &self.append_timeout)
+            .field("delivery_timeout", &self.delivery_timeout)
+            .field("max_in_flight_records", &self.max_in_flight_records)
+            .field("max_in_flight_bytes", &self.max_in_flight_bytes)
+            .field("linger", &self.linger)
+            .field("client_id", &self.client_id)
+            .field("metadata_timeout", &self.metadata_timeout)
+            .field("max_poll_records", &self.max_poll_records)
+            .field("fetch_wait_max", &self.fetch_wait_max)
+            .field("properties", &properties)
+            .finish()
     }
 }
 
@@ -1499,6 +1545,23 @@ mod tests {
             n as f64 / append_s,
             n as f64 / read_s
         );
+    }
+
+    #[test]
+    fn option_debug_hides_credentials() {
+        let options = KafkaLogOptions {
+            properties: vec![
+                ("security.protocol".into(), "SASL_SSL".into()),
+                ("sasl.password".into(), "hunter2".into()),
+            ],
+            ..KafkaLogOptions::new("b:9092")
+        };
+        let shown = format!("{options:?}");
+        assert!(
+            shown.contains("SASL_SSL") && shown.contains("sasl.password"),
+            "{shown}"
+        );
+        assert!(!shown.contains("hunter2"), "{shown}");
     }
 
     #[test]
