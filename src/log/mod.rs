@@ -3,6 +3,7 @@
 //! is the embedded SQLite log or Kafka.
 
 pub mod embedded;
+pub mod kafka;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use reqwest::blocking::{Client, Response};
 use serde_json::{Value, json};
 
+pub mod broker;
+pub mod cluster;
 pub mod compare;
 pub mod oracle;
 pub mod postgres;
