@@ -705,4 +705,3 @@ fn an_acknowledged_click_is_visible_within_seconds() {
         latencies.len()
     );
 }
-

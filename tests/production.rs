@@ -8,11 +8,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::TestTimes;
 use common::cluster::Cluster;
 use common::compare::{assert_matches_oracle, wait_counted};
 use common::postgres::TestDb;
 use common::workload::{Driver, WorkloadSpec};
-use common::{Target, TestTimes};
 
 #[test]
 fn kafka_to_postgres_equals_oracle_and_a_second_worker_set_is_refused() {
@@ -39,7 +39,10 @@ fn kafka_to_postgres_equals_oracle_and_a_second_worker_set_is_refused() {
         let status = intruder
             .wait_exit(Duration::from_secs(60))
             .expect("the second worker set must exit by itself");
-        assert!(!status.success(), "the second worker set exited with success");
+        assert!(
+            !status.success(),
+            "the second worker set exited with success"
+        );
         let log = intruder.log_tail();
         assert!(
             log.contains("fenced") && log.contains("writer"),
@@ -50,7 +53,10 @@ fn kafka_to_postgres_equals_oracle_and_a_second_worker_set_is_refused() {
             "the first worker set and ingest keep running"
         );
     });
-    assert_eq!(driver.retries, 0, "no request should need a retry without faults");
+    assert_eq!(
+        driver.retries, 0,
+        "no request should need a retry without faults"
+    );
     wait_counted(&cluster, &oracle, last_ack);
     let windows = assert_matches_oracle(&cluster, &oracle);
     eprintln!(
@@ -61,5 +67,8 @@ fn kafka_to_postgres_equals_oracle_and_a_second_worker_set_is_refused() {
         started.elapsed(),
         oracle.class_counts()
     );
-    assert!(cluster.worker.lock().alive(), "the first worker set kept going");
+    assert!(
+        cluster.worker.lock().alive(),
+        "the first worker set kept going"
+    );
 }

@@ -113,10 +113,13 @@ fn poller(
                 if !r.status().is_success() {
                     continue; // Postgres restarting: no answer is not a wrong answer.
                 }
-                let Ok(body) = r.json::<Value>() else { continue };
+                let Ok(body) = r.json::<Value>() else {
+                    continue;
+                };
                 if let Some(c) = body["complete_through"].as_str().map(parse_rfc3339) {
                     if c < frontier {
-                        out.drops.push(format!("complete_through went back {frontier} -> {c}"));
+                        out.drops
+                            .push(format!("complete_through went back {frontier} -> {c}"));
                     }
                     frontier = frontier.max(c);
                 }
@@ -127,7 +130,8 @@ fn poller(
                     if let Some(before) = seen.get(&(*ad, w))
                         && (total(&now) < total(before) || now.fraud_clicks < before.fraud_clicks)
                     {
-                        out.drops.push(format!("ad {ad} window {w}: {before:?} -> {now:?}"));
+                        out.drops
+                            .push(format!("ad {ad} window {w}: {before:?} -> {now:?}"));
                     }
                     seen.insert((*ad, w), now);
                 }
@@ -161,7 +165,10 @@ fn clicks_in_kafka(cluster: &Cluster) -> BTreeSet<String> {
     let mut ids = BTreeSet::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while next.iter().any(|(p, n)| *n < ends[p]) {
-        assert!(Instant::now() < deadline, "could not read the topic to its end");
+        assert!(
+            Instant::now() < deadline,
+            "could not read the topic to its end"
+        );
         for batch in reader.poll(Duration::from_millis(200)).expect("poll") {
             for record in &batch.records {
                 if !is_heartbeat(&record.payload) {
@@ -186,7 +193,12 @@ fn lost_and_duplicated(cluster: &Cluster, oracle: &Oracle) -> (i64, i64) {
             .as_array()
             .expect("points")
             .iter()
-            .map(|p| (parse_rfc3339(p["window_start"].as_str().expect("start")), measures(p)))
+            .map(|p| {
+                (
+                    parse_rfc3339(p["window_start"].as_str().expect("start")),
+                    measures(p),
+                )
+            })
             .collect();
         let windows: BTreeSet<u64> = got
             .keys()
@@ -265,7 +277,9 @@ fn chaos_kills_and_postgres_restarts_lose_and_double_nothing() {
     let (lost, duplicated) = lost_and_duplicated(&cluster, &oracle);
     let count = |f: Fault| faults.iter().filter(|(x, _)| *x == f).count();
     println!("chaos run (seed {seed}, {:?}):", started.elapsed());
-    println!("| faults | worker SIGKILLs | ingest SIGKILLs | Postgres restarts | clicks sent | retried requests | lost | duplicated | store regressions seen |");
+    println!(
+        "| faults | worker SIGKILLs | ingest SIGKILLs | Postgres restarts | clicks sent | retried requests | lost | duplicated | store regressions seen |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|");
     println!(
         "| {} | {} | {} | {} | {} | {retries} | {lost} | {duplicated} | {} in {} polls |",
@@ -289,7 +303,10 @@ fn chaos_kills_and_postgres_restarts_lose_and_double_nothing() {
 
     // Acceptance 2, in full: every window of every scope, top ads and late clicks.
     let windows = assert_matches_oracle(&cluster, &oracle);
-    eprintln!("{windows} windows equal the oracle after {} faults", faults.len());
+    eprintln!(
+        "{windows} windows equal the oracle after {} faults",
+        faults.len()
+    );
 
     // Acceptance 3: every acknowledged click is in Kafka, ingest kills notwithstanding.
     let in_kafka = clicks_in_kafka(&cluster);

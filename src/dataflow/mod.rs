@@ -16,7 +16,7 @@ use timely::communication::WorkerGuards;
 use self::classify::{Rules, classify, latest_ads};
 use self::sink::{Handoff, SinkRecord, SinkSpec, SinkStatus, click_sink, spawn_writer};
 use self::source::{SourceEvent, SourceSpec, log_source};
-use crate::log::{Log, LogPosition, all_partitions};
+use crate::log::{ADS_PARTITION, Log, LogPosition, all_partitions};
 use crate::metrics::Metrics;
 use crate::record::{PartitionId, Topic};
 use crate::store::{RecoveryPoint, Store};
@@ -151,6 +151,11 @@ impl Engine {
         .map_err(|e| EngineError(format!("sink writer thread: {e}")))?;
 
         let starts = start_positions(&*log, &spec.recovery);
+        let catalog_committed = spec
+            .recovery
+            .committed
+            .get(&ADS_PARTITION)
+            .map_or(0, |p| p.offset);
         tracing::info!(
             as_of = spec.recovery.as_of,
             partitions = starts.len(),
@@ -181,6 +186,7 @@ impl Engine {
                 tick: spec.tick,
                 horizon_ms: spec.horizon_ms,
                 ttl_ms: spec.ttl_ms,
+                catalog_committed,
                 shutdown: Arc::clone(&stop),
                 metrics: Arc::clone(&metrics),
             };

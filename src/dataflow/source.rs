@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::record::{
     AdRecord, ClickEvent, FraudVerdict, PartitionId, Payload, Topic, is_heartbeat,
 };
-use crate::time::{Tick, Time};
+use crate::time::{Tick, Time, now_ms};
 
 /// What the source emits.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -53,6 +53,9 @@ pub struct SourceSpec {
     pub horizon_ms: u64,
     /// The impression TTL (event times are clamped to record time - TTL).
     pub ttl_ms: u64,
+    /// The catalog offset committed with the store's frontier: the catalog holds the
+    /// frontier back until it has been read this far (see `PartitionState`).
+    pub catalog_committed: u64,
     /// Set to make the source drop its capability and the reader stop.
     pub shutdown: Arc<AtomicBool>,
     /// Metrics.
@@ -67,11 +70,10 @@ pub fn log_source<'s>(
     source::<_, CapacityContainerBuilder<Vec<(SourceEvent, Time, isize)>>, _, _>(scope, "LogSource", |cap, info| {
         let activator = scope.worker().sync_activator_for(info.address.to_vec());
         let (tx, rx) = crossbeam_channel::bounded::<Vec<PartitionBatch>>(16);
-        // Per partition: the running max of record times, and the partition's frontier.
-        let mut parts: BTreeMap<PartitionId, (u64, Time)> = spec
+        let mut parts: BTreeMap<PartitionId, PartitionState> = spec
             .partitions
             .iter()
-            .map(|(p, pos)| (*p, (pos.time_floor_ms, spec.tick.time_of(pos.time_floor_ms))))
+            .map(|(p, pos)| (*p, PartitionState::new(*pos, spec.tick)))
             .collect();
         let mut cap = if spec.partitions.is_empty() { None } else { Some(cap) };
 
@@ -90,6 +92,7 @@ pub fn log_source<'s>(
             tick,
             horizon_ms,
             ttl_ms,
+            catalog_committed,
             shutdown,
             metrics,
             ..
@@ -102,18 +105,26 @@ pub fn log_source<'s>(
             let mut session = output.session(&*c);
             while let Ok(batches) = rx.try_recv() {
                 for batch in batches {
-                    let (floor_ms, frontier) = parts.entry(batch.partition).or_default();
+                    let catalog = batch.partition.topic == Topic::Ads;
+                    let part = parts
+                        .entry(batch.partition)
+                        .or_insert_with(|| PartitionState::new(LogPosition::default(), tick));
                     let mut last_time = None;
                     for record in &batch.records {
                         // Record times are made monotone per partition, so a time never
                         // falls below the frontier already announced.
-                        *floor_ms = (*floor_ms).max(record.record_time_ms);
-                        let time = tick.time_of(*floor_ms);
+                        part.floor_ms = part.floor_ms.max(record.record_time_ms);
+                        let mut time = tick.time_of(part.floor_ms);
+                        if catalog {
+                            // The catalog follows the clock (see `PartitionState`): its
+                            // records land no earlier than what this source has announced.
+                            time = time.max(*c.time());
+                        }
                         last_time = Some(time);
                         if is_heartbeat(&record.payload) {
                             continue;
                         }
-                        match decode(batch.partition.topic, record.offset, *floor_ms, &record.payload, ttl_ms) {
+                        match decode(batch.partition.topic, record.offset, part.floor_ms, &record.payload, ttl_ms) {
                             Some(event @ (SourceEvent::Click(_) | SourceEvent::Verdict(_))) => {
                                 session.give((event.clone(), time, 1));
                                 session.give((event, time + horizon_ms, -1));
@@ -129,21 +140,35 @@ pub fn log_source<'s>(
                             }
                         }
                     }
+                    part.next_offset = batch.next.offset;
                     if let Some(time) = last_time {
-                        *frontier = (*frontier).max(time);
+                        part.frontier = part.frontier.max(time);
                         let position = LogPosition {
                             offset: batch.next.offset,
-                            time_floor_ms: *floor_ms,
+                            time_floor_ms: part.floor_ms,
                         };
                         session.give((SourceEvent::Position(batch.partition, position), time, 1));
                     }
                     if let Some(w) = batch.idle_until_ms {
-                        *frontier = (*frontier).max(tick.time_of(w));
+                        part.frontier = part.frontier.max(tick.time_of(w));
                     }
                 }
             }
             drop(session);
-            if let Some(least) = parts.values().map(|(_, frontier)| *frontier).min()
+            let clock = tick.time_of(now_ms());
+            let least = parts
+                .iter()
+                .map(|(p, part)| {
+                    if p.topic == Topic::Ads && part.next_offset >= catalog_committed {
+                        // Past the committed catalog: every further catalog record lands
+                        // at or after the capability, so the catalog holds nothing back.
+                        clock
+                    } else {
+                        part.frontier
+                    }
+                })
+                .min();
+            if let Some(least) = least
                 && least > *c.time()
             {
                 c.downgrade(&least);
@@ -151,6 +176,40 @@ pub fn log_source<'s>(
         }
     })
     .as_collection()
+}
+
+/// What the source knows of one partition.
+///
+/// Clicks and verdicts get their time from their own record times (made monotone), a
+/// pure function of the log, so a replay assigns the same ones; idle partitions advance
+/// by heartbeats or the log's watermark. The catalog (`ads`) is read from offset 0 at
+/// every start and must not need heartbeats, which would pile up there forever. So a
+/// catalog record's time is its running-max record time *or the source's capability,
+/// whichever is later*, and past the committed catalog offset the catalog partition
+/// follows the worker's clock instead of holding the frontier back. That is a replay
+/// that is exact where it matters: a committed catalog record (before the committed
+/// offset) replays at a time no later than its original one, both before the committed
+/// frontier, because the catalog holds the frontier back until it has been read again;
+/// an uncommitted one lands at or after the committed frontier. The collections at every
+/// time from the committed frontier on are therefore the original ones.
+#[derive(Clone, Copy, Debug)]
+struct PartitionState {
+    /// Running max of record times.
+    floor_ms: u64,
+    /// No record of this partition will get a time before this.
+    frontier: Time,
+    /// The next offset to read.
+    next_offset: u64,
+}
+
+impl PartitionState {
+    fn new(start: LogPosition, tick: Tick) -> PartitionState {
+        PartitionState {
+            floor_ms: start.time_floor_ms,
+            frontier: tick.time_of(start.time_floor_ms),
+            next_offset: start.offset,
+        }
+    }
 }
 
 fn decode(

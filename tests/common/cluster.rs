@@ -129,12 +129,18 @@ fn migrate(config_path: &std::path::Path, env: &[(String, String)]) {
 
 /// Whether `path` belongs to ingest (the click paths and verdicts) rather than query.
 pub fn is_ingest_path(path: &str) -> bool {
-    path.starts_with("/c/") || path.starts_with("/v1/clicks") || path.starts_with("/v1/fraud-verdicts")
+    path.starts_with("/c/")
+        || path.starts_with("/v1/clicks")
+        || path.starts_with("/v1/fraud-verdicts")
 }
 
 impl Target for Cluster {
     fn url(&self, path: &str) -> String {
-        let p = if is_ingest_path(path) { &self.ingest } else { &self.query };
+        let p = if is_ingest_path(path) {
+            &self.ingest
+        } else {
+            &self.query
+        };
         format!("{}{path}", Cluster::base(p))
     }
 
