@@ -159,6 +159,22 @@ pub struct LogConfig {
     pub kafka_brokers: String,
     /// Prefix of the Kafka topic names (`<prefix>clicks`, ...), to share a cluster.
     pub topic_prefix: String,
+    /// Replication factor of the topics `migrate` creates (3 for real durability).
+    pub kafka_replication_factor: u16,
+    /// `min.insync.replicas` of the topics `migrate` creates.
+    pub kafka_min_insync_replicas: u16,
+    /// How long Kafka keeps clicks and verdicts; must exceed the horizon (recovery replays
+    /// one horizon back) plus the longest outage to survive.
+    #[serde(deserialize_with = "duration")]
+    pub kafka_retention: Duration,
+    /// How long the producer keeps retrying a record after its append timed out.
+    #[serde(deserialize_with = "duration")]
+    pub kafka_delivery_timeout: Duration,
+    /// Records produced but not yet acknowledged, at most (then 503).
+    pub kafka_max_in_flight_records: usize,
+    /// Extra librdkafka properties (TLS, SASL, tuning); they cannot weaken idempotence,
+    /// acks or offset handling.
+    pub kafka_properties: std::collections::BTreeMap<String, String>,
 }
 
 /// Which store holds results, progress and the catalog.
@@ -479,6 +495,32 @@ impl Config {
                 "log.topic_prefix",
                 "may hold only letters, digits, '.', '_' and '-' (at most 200)".into(),
             );
+        }
+        if self.log.kafka_replication_factor == 0 {
+            return invalid("log.kafka_replication_factor", "must be at least 1".into());
+        }
+        if self.log.kafka_min_insync_replicas == 0
+            || self.log.kafka_min_insync_replicas > self.log.kafka_replication_factor
+        {
+            return invalid(
+                "log.kafka_min_insync_replicas",
+                "must be between 1 and log.kafka_replication_factor".into(),
+            );
+        }
+        if self.log.kind == LogKind::Kafka
+            && self.log.kafka_retention.as_millis() <= u128::from(self.horizon_ms())
+        {
+            return invalid(
+                "log.kafka_retention",
+                format!(
+                    "{} does not exceed the horizon {}; recovery replays one horizon of log",
+                    humantime::format_duration(self.log.kafka_retention),
+                    humantime::format_duration(Duration::from_millis(self.horizon_ms()))
+                ),
+            );
+        }
+        if self.log.kafka_max_in_flight_records == 0 {
+            return invalid("log.kafka_max_in_flight_records", "must be at least 1".into());
         }
         if self.store.read_pool_size == 0 {
             return invalid("store.read_pool_size", "must be at least 1".into());

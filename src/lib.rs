@@ -5,6 +5,7 @@
 //! view changes with log positions into the [`store`] in one transaction; the [`server`]
 //! answers advertisers from the store.
 
+pub mod backends;
 pub mod config;
 pub mod dataflow;
 #[path = "../dataflows/mod.rs"]

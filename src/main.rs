@@ -1,7 +1,9 @@
-//! The `clickagg` binary: `serve`, `loadgen` and `config check`.
+//! The `clickagg` binary: `serve`, `loadgen`, `config check`, and the production
+//! processes `ingest`, `worker`, `query` and `migrate`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -50,18 +52,21 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
-    /// Production click tracker producing to Kafka (not built yet).
-    Ingest(Unbuilt),
-    /// Production timely worker process reading Kafka (not built yet).
-    Worker(Unbuilt),
-    /// Production query API on Postgres (not built yet).
-    Query(Unbuilt),
+    /// Production: the click paths and fraud verdicts, appended to Kafka.
+    Ingest(ProductionArgs),
+    /// Production: the dataflow over Kafka and its sink into Postgres.
+    Worker(ProductionArgs),
+    /// Production: catalog, impressions and advertiser metrics from Postgres.
+    Query(ProductionArgs),
+    /// Production: create or upgrade the Postgres schema and the Kafka topics.
+    Migrate(ProductionArgs),
 }
 
 #[derive(Args)]
-struct Unbuilt {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<String>,
+struct ProductionArgs {
+    /// The TOML config file (see config/production.toml).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -129,6 +134,13 @@ struct LoadgenArgs {
     /// Random seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+}
+
+/// A validated config for a production process.
+fn production_config(path: Option<&std::path::Path>, command: &str) -> anyhow::Result<Arc<Config>> {
+    let config = Config::load(path)?;
+    clickagg::backends::require_production(&config, command)?;
+    Ok(Arc::new(config))
 }
 
 fn init_tracing(format: LogFormat) {
@@ -234,10 +246,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("  {config:#?}");
             Ok(())
         }
-        Command::Ingest(_) | Command::Worker(_) | Command::Query(_) => anyhow::bail!(
-            "the production processes (ingest, worker, query on Kafka and Postgres) are not built yet; \
-             run `clickagg serve` for the whole pipeline in one process"
-        ),
+        Command::Ingest(a) => {
+            let config = production_config(a.config.as_deref(), "ingest")?;
+            let log = clickagg::backends::open_log(&config).await?;
+            let store = clickagg::backends::open_store(&config).await?;
+            // Heartbeats keep idle partitions (and so the dashboards) moving.
+            let heartbeats = log.spawn_heartbeats(config.time.tick)?;
+            let result = clickagg::production::ingest(config, Arc::new(log), Arc::new(store)).await;
+            heartbeats.stop().await;
+            result
+        }
+        Command::Worker(a) => {
+            let config = production_config(a.config.as_deref(), "worker")?;
+            let log = clickagg::backends::open_log(&config).await?;
+            let store = clickagg::backends::open_store(&config).await?;
+            // Also here, so the frontier moves (and the tail commits) with no ingest running.
+            let heartbeats = log.spawn_heartbeats(config.time.tick)?;
+            let result = clickagg::production::worker(config, Arc::new(log), Arc::new(store)).await;
+            heartbeats.stop().await;
+            result
+        }
+        Command::Query(a) => {
+            let config = production_config(a.config.as_deref(), "query")?;
+            let log = clickagg::backends::open_log(&config).await?;
+            let store = clickagg::backends::open_store(&config).await?;
+            clickagg::production::query(config, Arc::new(log), Arc::new(store)).await
+        }
+        Command::Migrate(a) => {
+            let config = production_config(a.config.as_deref(), "migrate")?;
+            clickagg::backends::migrate(&config).await
+        }
     }
 }
 
