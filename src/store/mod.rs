@@ -4,6 +4,7 @@
 //! log positions that produced them in ONE transaction, so a crash leaves either both or
 //! neither. Recovery reads them back with [`Store::recovery_point`].
 
+mod common;
 pub mod sqlite;
 
 use std::collections::{BTreeMap, HashMap};
