@@ -5,6 +5,8 @@
 //! neither. Recovery reads them back with [`Store::recovery_point`].
 
 mod common;
+#[cfg(test)]
+pub(crate) mod conformance;
 pub mod sqlite;
 
 use std::collections::{BTreeMap, HashMap};

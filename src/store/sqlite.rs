@@ -755,222 +755,45 @@ fn ad_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Ad> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::log::LogPosition;
-    use crate::record::{PartitionId, Topic};
+    use crate::store::conformance::{Backend, RETENTION_MS, conformance_tests};
 
-    fn open(dir: &Path) -> SqliteStore {
-        SqliteStore::open(
-            &dir.join("store.db"),
-            crate::dataflows::VIEWS,
-            SqliteOptions {
-                read_pool_size: 2,
-                progress_retention_ms: 1_000,
-            },
-        )
-        .expect("open")
-    }
+    /// A store in a temporary directory of its own.
+    struct TempStore(tempfile::TempDir);
 
-    fn store(dir: &Path) -> SqliteStore {
-        let s = open(dir);
-        s.claim_writer().expect("claim");
-        s
-    }
+    impl TempStore {
+        fn new() -> TempStore {
+            TempStore(tempfile::tempdir().expect("tmp"))
+        }
 
-    #[test]
-    fn one_writer_per_store_and_a_dead_one_releases_it() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let first = open(dir.path());
-        assert!(
-            matches!(
-                first.commit(&batch(1_000, vec![])),
-                Err(StoreError::Fenced(_))
-            ),
-            "no commit without a claim"
-        );
-        assert_eq!(first.claim_writer().expect("claim").generation, 1);
-        first.commit(&batch(1_000, vec![])).expect("commit");
-        let second = open(dir.path());
-        assert!(matches!(second.claim_writer(), Err(StoreError::Fenced(_))));
-        drop(first);
-        assert_eq!(
-            second
-                .claim_writer()
-                .expect("claim after release")
-                .generation,
-            2
-        );
-        second.commit(&batch(2_000, vec![])).expect("commit");
-        assert_eq!(second.committed_frontier().expect("frontier"), Some(2_000));
-    }
-
-    fn minute_row(ad: u64, w: Millis, campaign: u64, clicks: i64, spend: i64) -> (Row, Row) {
-        (
-            vec![Datum::Id(ad), Datum::Time(w)],
-            vec![
-                Datum::Id(campaign),
-                Datum::Id(7),
-                Datum::Int(clicks),
-                Datum::Int(0),
-                Datum::Int(0),
-                Datum::Int(spend),
-            ],
-        )
-    }
-
-    fn batch(upper: Time, rows: Vec<(Row, Option<Row>)>) -> ChangeBatch {
-        let mut views = vec![ViewChanges::new(); crate::dataflows::VIEWS.len()];
-        views[0] = rows.into_iter().collect();
-        ChangeBatch {
-            upper,
-            views,
-            positions: BTreeMap::from([(
-                PartitionId {
-                    topic: Topic::Clicks,
-                    partition: 0,
-                },
-                LogPosition {
-                    offset: upper,
-                    time_floor_ms: upper,
-                },
-            )]),
+        fn path(&self) -> std::path::PathBuf {
+            self.0.path().join("store.db")
         }
     }
 
-    #[test]
-    fn rollups_equal_the_sum_of_stored_rows_through_updates_and_moves() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let s = store(dir.path());
-        let (k1, v1) = minute_row(1, 60_000, 70, 3, 300);
-        let (k2, v2) = minute_row(1, 120_000, 70, 2, 200);
-        s.commit(&batch(
-            1_000,
-            vec![(k1.clone(), Some(v1)), (k2.clone(), Some(v2))],
-        ))
-        .expect("c1");
-        // k1 grows, and the ad moves to campaign 71 for k2.
-        let (_, v1b) = minute_row(1, 60_000, 70, 5, 500);
-        let (_, v2b) = minute_row(1, 120_000, 71, 2, 200);
-        s.commit(&batch(
-            2_000,
-            vec![(k1.clone(), Some(v1b)), (k2.clone(), Some(v2b))],
-        ))
-        .expect("c2");
-
-        let five = s
-            .click_series(MetricScope::Ad, 1, Granularity::FiveMinutes, 0, 600_000)
-            .expect("series");
-        assert_eq!(
-            five,
-            vec![(
-                0,
-                Measures {
-                    clicks: 7,
-                    spend_micros: 700,
-                    ..Default::default()
-                }
-            )]
-        );
-        let c70 = s
-            .click_series(MetricScope::Campaign, 70, Granularity::Hour, 0, 3_600_000)
-            .expect("series");
-        assert_eq!(c70[0].1.clicks, 5);
-        let c71 = s
-            .click_series(MetricScope::Campaign, 71, Granularity::Minute, 0, 3_600_000)
-            .expect("series");
-        assert_eq!(
-            c71,
-            vec![(
-                120_000,
-                Measures {
-                    clicks: 2,
-                    spend_micros: 200,
-                    ..Default::default()
-                }
-            )]
-        );
-
-        // A replayed batch (same or older upper) is skipped, not applied twice.
-        s.commit(&batch(
-            2_000,
-            vec![(k1.clone(), Some(minute_row(1, 60_000, 70, 99, 0).1))],
-        ))
-        .expect("dup");
-        let adv = s
-            .click_series(MetricScope::Advertiser, 7, Granularity::Day, 0, 86_400_000)
-            .expect("series");
-        assert_eq!(adv[0].1.clicks, 7);
-
-        // Deleting a row takes it out of the rollups.
-        s.commit(&batch(3_000, vec![(k1, None)])).expect("c3");
-        let adv = s
-            .click_series(MetricScope::Advertiser, 7, Granularity::Day, 0, 86_400_000)
-            .expect("series");
-        assert_eq!(adv[0].1.clicks, 2);
-        assert_eq!(s.committed_frontier().expect("frontier"), Some(3_000));
-    }
-
-    #[test]
-    fn recovery_point_replays_from_the_horizon_and_pins_the_tick() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let s = store(dir.path());
-        assert_eq!(
-            s.recovery_point(200, 500).expect("empty"),
-            RecoveryPoint::default()
-        );
-        for upper in [1_000, 1_400, 1_800, 2_200] {
-            s.commit(&batch(upper, vec![])).expect("commit");
+    impl Backend for TempStore {
+        fn open(&self) -> Result<Box<dyn Store>, StoreError> {
+            Ok(Box::new(SqliteStore::open(
+                &self.path(),
+                crate::dataflows::VIEWS,
+                SqliteOptions {
+                    read_pool_size: 2,
+                    progress_retention_ms: RETENTION_MS,
+                },
+            )?))
         }
-        let rp = s.recovery_point(200, 500).expect("rp");
-        assert_eq!(rp.as_of, 2_200);
-        // Last commit at or before 2200 - 500 = 1700 is 1400.
-        assert_eq!(
-            rp.replay_from.values().next().map(|p| p.offset),
-            Some(1_400)
-        );
-        let err = s.recovery_point(100, 500).expect_err("tick changed");
-        assert!(err.to_string().contains("time.tick"), "{err}");
+
+        fn execute(&self, sql: &str) {
+            Connection::open(self.path())
+                .and_then(|c| c.execute_batch(sql))
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+
+        fn query_i64(&self, sql: &str) -> i64 {
+            Connection::open(self.path())
+                .and_then(|c| c.query_row(sql, [], |r| r.get(0)))
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        }
     }
 
-    #[test]
-    fn catalog_rules_hold() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let s = store(dir.path());
-        let ad = Ad {
-            ad_id: u64::MAX,
-            advertiser_id: 7,
-            campaign_id: 70,
-            landing_url: "https://a.example/".into(),
-            cpc_micros: 1,
-        };
-        assert!(matches!(s.upsert_ad(&ad), Err(StoreError::NotFound(_))));
-        s.create_advertiser(7, "A", &[1; 32]).expect("adv");
-        s.create_advertiser(8, "B", &[2; 32]).expect("adv");
-        assert!(matches!(
-            s.create_advertiser(7, "A", &[3; 32]),
-            Err(StoreError::Conflict(_))
-        ));
-        assert_eq!(s.upsert_ad(&ad).expect("create"), Upserted::Created);
-        assert_eq!(s.upsert_ad(&ad).expect("update"), Upserted::Updated);
-        assert_eq!(
-            s.ad(u64::MAX).expect("read"),
-            Some(ad.clone()),
-            "u64 ids survive bit-casting"
-        );
-        let stolen = Ad {
-            advertiser_id: 8,
-            ..ad.clone()
-        };
-        assert!(matches!(s.upsert_ad(&stolen), Err(StoreError::Conflict(_))));
-        let other = Ad {
-            ad_id: 5,
-            advertiser_id: 8,
-            ..ad
-        };
-        assert!(
-            matches!(s.upsert_ad(&other), Err(StoreError::Conflict(_))),
-            "campaign 70 is 7's"
-        );
-        assert_eq!(s.advertiser_for_key(&[2; 32]).expect("key"), Some(8));
-        assert_eq!(s.campaign_owner(70).expect("owner"), Some(7));
-    }
+    conformance_tests!(TempStore::new());
 }
