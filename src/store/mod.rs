@@ -7,6 +7,7 @@
 mod common;
 #[cfg(test)]
 pub(crate) mod conformance;
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::{BTreeMap, HashMap};
