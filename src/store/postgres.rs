@@ -1563,6 +1563,48 @@ mod tests {
         fenced(db.store().claim_writer());
     }
 
+    /// Stops and restarts a real server under a writer. Ignored by default, since the shared
+    /// server must not be stopped: point `CLICKAGG_TEST_POSTGRES` at a server of your own and
+    /// `CLICKAGG_TEST_POSTGRES_CTL` at a script that takes `stop` or `start` (and waits).
+    #[test]
+    #[ignore = "stops its server: needs CLICKAGG_TEST_POSTGRES_CTL and a server of its own"]
+    fn a_writer_rides_out_a_server_stop_and_restart() {
+        let ctl = std::env::var("CLICKAGG_TEST_POSTGRES_CTL").expect("CLICKAGG_TEST_POSTGRES_CTL");
+        let run = |action: &str| {
+            let status = std::process::Command::new(&ctl)
+                .arg(action)
+                .status()
+                .expect("run the control script");
+            assert!(status.success(), "{ctl} {action}: {status}");
+        };
+        let db = TestDb::new();
+        let s = db.store();
+        s.claim_writer().expect("claim");
+        s.commit(&batch(1_000, minute_rows(1))).expect("commit");
+
+        run("stop");
+        for upper in [2_000, 2_000] {
+            match s.commit(&batch(upper, minute_rows(2))) {
+                Err(StoreError::Unavailable(_)) => {}
+                other => panic!("expected Unavailable while stopped, got {other:?}"),
+            }
+        }
+        assert!(matches!(s.check(), Err(StoreError::Unavailable(_))));
+        run("start");
+        s.commit(&batch(2_000, minute_rows(2)))
+            .expect("commits resume after a start");
+
+        // A restart while idle: the writer's and the pool's sessions are all stale.
+        run("stop");
+        run("start");
+        s.commit(&batch(3_000, minute_rows(3)))
+            .expect("the first commit after a restart succeeds");
+        assert_eq!(s.committed_frontier().expect("frontier"), Some(3_000));
+        assert_eq!(db.query_i64("SELECT count(*) FROM v_ad_clicks"), 300);
+        assert_eq!(s.claim_writer().expect("claim").generation, 1);
+        fenced(db.store().claim_writer());
+    }
+
     /// Set in the child process of the SIGKILL test: the store it claims and holds.
     const HOLD_CLAIM: &str = "CLICKAGG_TEST_HOLD_CLAIM";
 
