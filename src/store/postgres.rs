@@ -763,7 +763,8 @@ impl PostgresStore {
                 return Err(match own {
                     // Not a rival: the next attempt will find the lock free.
                     Some(pid) => StoreError::Unavailable(format!(
-                        "this writer's previous session (Postgres backend {pid}) still holds                          the writer lock after it was ended"
+                        "this writer's previous session (Postgres backend {pid}) still holds \
+                         the writer lock after it was ended"
                     )),
                     None => self.refusal(&mut client, holder),
                 });
