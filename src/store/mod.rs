@@ -4,6 +4,10 @@
 //! log positions that produced them in ONE transaction, so a crash leaves either both or
 //! neither. Recovery reads them back with [`Store::recovery_point`].
 
+mod common;
+#[cfg(test)]
+pub(crate) mod conformance;
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::{BTreeMap, HashMap};

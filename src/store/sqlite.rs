@@ -1,7 +1,7 @@
 //! The embedded store: SQLite in WAL mode. One writer connection (the sink and catalog
 //! writes take turns), a pool of readers for the query API.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -12,13 +12,16 @@ use rusqlite::{
     Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
 };
 
+use super::common::{
+    AD_COLUMNS, LAST_PROGRESS, RollupDeltas, check_ad_rules, check_tick, column_defs,
+    columns_differ, decode_positions, encode_positions, insert_campaign_sql, insert_progress_sql,
+    late_clicks_sql, minute_series_sql, minute_totals_sql, progress_at_sql, prune_progress_sql,
+    rollup_deltas, rollup_series_sql, rollup_totals_sql, upsert_action, upsert_ad_sql,
+};
 use super::{
     Ad, ChangeBatch, LateClick, Measures, MetricScope, RecoveryPoint, Store, StoreError, Upserted,
     ViewChanges, WriterClaim, decompose,
 };
-use crate::dataflows::{ad_clicks, late_clicks};
-use crate::log::LogPosition;
-use crate::record::PartitionId;
 use crate::time::{Granularity, Millis, Time, now_ms};
 use crate::views::{ColumnType, Datum, Row, ViewDef};
 
@@ -57,6 +60,11 @@ pub struct SqliteStore {
 
 fn unavailable(what: &str) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
     move |e| StoreError::Unavailable(format!("{what}: {e}"))
+}
+
+/// SQLite spells the n-th parameter `?n`.
+fn param(n: usize) -> String {
+    format!("?{n}")
 }
 
 fn sql_type(ty: ColumnType) -> &'static str {
@@ -98,18 +106,7 @@ fn view_sql(view: &ViewDef) -> ViewSql {
         .map(|i| format!("?{i}"))
         .collect::<Vec<_>>()
         .join(", ");
-    let updates = if value_cols.is_empty() {
-        "NOTHING".to_owned()
-    } else {
-        format!(
-            "UPDATE SET {}",
-            value_cols
-                .iter()
-                .map(|c| format!("{c} = excluded.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
+    let updates = upsert_action(&value_cols);
     let rollup_upsert = view.rollup.map(|r| {
         let measures = r.measures.join(", ");
         let placeholders = (1..=4 + r.measures.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
@@ -143,12 +140,7 @@ fn view_sql(view: &ViewDef) -> ViewSql {
 /// columns differ from the view's declaration.
 fn ensure_view_tables(conn: &Connection, view: &ViewDef) -> Result<(), StoreError> {
     let table = view.table();
-    let cols: Vec<String> = view
-        .key
-        .iter()
-        .chain(view.value)
-        .map(|c| format!("{} {} NOT NULL", c.name, sql_type(c.ty)))
-        .collect();
+    let cols = column_defs(view, sql_type);
     let keys: Vec<&str> = view.key.iter().map(|c| c.name).collect();
     conn.execute_batch(&format!(
         "CREATE TABLE IF NOT EXISTS {table} ({}, PRIMARY KEY ({})) WITHOUT ROWID;",
@@ -168,11 +160,7 @@ fn ensure_view_tables(conn: &Connection, view: &ViewDef) -> Result<(), StoreErro
         .map_err(unavailable("inspect view table"))?;
     let want: Vec<&str> = view.key.iter().chain(view.value).map(|c| c.name).collect();
     if have != want {
-        return Err(StoreError::Inconsistent(format!(
-            "table {table} has columns {have:?} but view {} declares {want:?}; \
-             a changed view needs a new name or a migration of its table",
-            view.name
-        )));
+        return Err(columns_differ(&table, view.name, &have, &want));
     }
 
     if let Some(r) = &view.rollup {
@@ -254,7 +242,7 @@ impl SqliteStore {
         sql: &ViewSql,
         changes: &ViewChanges,
     ) -> rusqlite::Result<()> {
-        let mut deltas: HashMap<(usize, u64, Granularity, Millis), Vec<i64>> = HashMap::new();
+        let mut deltas = RollupDeltas::new();
         let mut select = tx.prepare_cached(&sql.select_value)?;
         let mut upsert = tx.prepare_cached(&sql.upsert)?;
         let mut delete = tx.prepare_cached(&sql.delete)?;
@@ -306,46 +294,6 @@ impl SqliteStore {
     }
 }
 
-/// Adds `sign` times a row's measures to the rollup windows it falls in.
-fn rollup_deltas(
-    view: &ViewDef,
-    key: &Row,
-    value: Option<&Row>,
-    sign: i64,
-    deltas: &mut HashMap<(usize, u64, Granularity, Millis), Vec<i64>>,
-) {
-    let (Some(r), Some(value), Some(window)) = (&view.rollup, value, view.window_start(key)) else {
-        return;
-    };
-    let get = |name: &str| -> Option<&Datum> {
-        match view.column(name)? {
-            (true, i) => key.get(i),
-            (false, i) => value.get(i),
-        }
-    };
-    let measures: Vec<i64> = r
-        .measures
-        .iter()
-        .map(|m| get(m).and_then(Datum::as_i64).unwrap_or(0) * sign)
-        .collect();
-    for (s, (scope, column)) in r.scopes.iter().enumerate() {
-        let Some(Datum::Id(id)) = get(column) else {
-            continue;
-        };
-        for g in r.granularities {
-            if r.skip.contains(&(*scope, *g)) {
-                continue;
-            }
-            let slot = deltas
-                .entry((s, *id, *g, g.align(window)))
-                .or_insert_with(|| vec![0; measures.len()]);
-            for (acc, m) in slot.iter_mut().zip(&measures) {
-                *acc += m;
-            }
-        }
-    }
-}
-
 /// The generation of the last writer claim (0 before any).
 fn read_generation(conn: &Connection) -> Result<u64, StoreError> {
     let value: Option<String> = conn
@@ -362,16 +310,6 @@ fn read_generation(conn: &Connection) -> Result<u64, StoreError> {
     })
 }
 
-fn encode_positions(p: &BTreeMap<PartitionId, LogPosition>) -> String {
-    serde_json::to_string(&p.iter().collect::<Vec<_>>()).unwrap_or_else(|_| "[]".into())
-}
-
-fn decode_positions(s: &str) -> Result<BTreeMap<PartitionId, LogPosition>, StoreError> {
-    let v: Vec<(PartitionId, LogPosition)> = serde_json::from_str(s)
-        .map_err(|e| StoreError::Inconsistent(format!("progress positions: {e}")))?;
-    Ok(v.into_iter().collect())
-}
-
 fn conflict(e: rusqlite::Error, what: &str) -> StoreError {
     match e {
         rusqlite::Error::SqliteFailure(f, _)
@@ -382,8 +320,6 @@ fn conflict(e: rusqlite::Error, what: &str) -> StoreError {
         e => StoreError::Unavailable(format!("{what}: {e}")),
     }
 }
-
-const MEASURES: &str = "clicks, fraud_clicks, late_clicks, spend_micros";
 
 fn measures_at(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Measures> {
     Ok(Measures {
@@ -405,12 +341,6 @@ impl SqliteStore {
             )
             .optional()
             .map_err(&read)?;
-        if advertiser.is_none() {
-            return Err(StoreError::NotFound(format!(
-                "advertiser {}",
-                ad.advertiser_id
-            )));
-        }
         let owner: Option<i64> = conn
             .query_row(
                 "SELECT advertiser_id FROM campaigns WHERE campaign_id = ?1",
@@ -419,14 +349,6 @@ impl SqliteStore {
             )
             .optional()
             .map_err(&read)?;
-        if let Some(owner) = owner
-            && owner as u64 != ad.advertiser_id
-        {
-            return Err(StoreError::Conflict(format!(
-                "campaign {} belongs to another advertiser",
-                ad.campaign_id
-            )));
-        }
         let existing: Option<i64> = conn
             .query_row(
                 "SELECT advertiser_id FROM ads WHERE ad_id = ?1",
@@ -435,14 +357,12 @@ impl SqliteStore {
             )
             .optional()
             .map_err(&read)?;
-        match existing {
-            None => Ok(Upserted::Created),
-            Some(a) if a as u64 == ad.advertiser_id => Ok(Upserted::Updated),
-            Some(_) => Err(StoreError::Conflict(format!(
-                "ad {} belongs to another advertiser; an ad's advertiser cannot change",
-                ad.ad_id
-            ))),
-        }
+        check_ad_rules(
+            ad,
+            advertiser.is_some(),
+            owner.map(|o| o as u64),
+            existing.map(|a| a as u64),
+        )
     }
 }
 
@@ -465,20 +385,10 @@ impl Store for SqliteStore {
                 )
                 .map_err(unavailable("write settings"))?;
             }
-            Some(s) if s != tick_ms.to_string() => {
-                return Err(StoreError::Inconsistent(format!(
-                    "the store was written with time.tick = {s}ms, the config says {tick_ms}ms; \
-                     record times would replay differently, so the tick of a store cannot change"
-                )));
-            }
-            Some(_) => {}
+            Some(s) => check_tick(&s, tick_ms)?,
         }
         let last: Option<(i64, String)> = conn
-            .query_row(
-                "SELECT upper, positions FROM progress ORDER BY upper DESC LIMIT 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            .query_row(LAST_PROGRESS, [], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()
             .map_err(unavailable("read progress"))?;
         let Some((as_of, committed)) = last else {
@@ -487,7 +397,7 @@ impl Store for SqliteStore {
         let as_of = as_of as Time;
         let replay: Option<String> = conn
             .query_row(
-                "SELECT positions FROM progress WHERE upper <= ?1 ORDER BY upper DESC LIMIT 1",
+                &progress_at_sql(param),
                 [as_of.saturating_sub(horizon_ms) as i64],
                 |r| r.get(0),
             )
@@ -579,7 +489,7 @@ impl Store for SqliteStore {
             Self::apply_view(&tx, view, sql, changes).map_err(unavailable("write view"))?;
         }
         tx.execute(
-            "INSERT INTO progress (upper, positions, committed_at_ms) VALUES (?1, ?2, ?3)",
+            &insert_progress_sql(param),
             params![
                 batch.upper as i64,
                 encode_positions(&batch.positions),
@@ -588,7 +498,7 @@ impl Store for SqliteStore {
         )
         .map_err(unavailable("write progress"))?;
         tx.execute(
-            "DELETE FROM progress WHERE upper < (SELECT max(upper) FROM progress WHERE upper <= ?1)",
+            &prune_progress_sql(param),
             [batch.upper.saturating_sub(self.progress_retention_ms) as i64],
         )
         .map_err(unavailable("prune progress"))?;
@@ -653,16 +563,12 @@ impl Store for SqliteStore {
         let outcome = Self::check_ad_in(&tx, ad)?;
         let write = unavailable("write catalog");
         tx.execute(
-            "INSERT INTO campaigns (campaign_id, advertiser_id) VALUES (?1, ?2) ON CONFLICT (campaign_id) DO NOTHING",
+            &insert_campaign_sql(param),
             params![ad.campaign_id as i64, ad.advertiser_id as i64],
         )
         .map_err(&write)?;
         tx.execute(
-            "INSERT INTO ads (ad_id, advertiser_id, campaign_id, landing_url, cpc_micros, updated_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (ad_id) DO UPDATE SET campaign_id = excluded.campaign_id,
-                 landing_url = excluded.landing_url, cpc_micros = excluded.cpc_micros,
-                 updated_at_ms = excluded.updated_at_ms",
+            &upsert_ad_sql(param),
             params![
                 ad.ad_id as i64,
                 ad.advertiser_id as i64,
@@ -680,7 +586,7 @@ impl Store for SqliteStore {
     fn ad(&self, ad_id: u64) -> Result<Option<Ad>, StoreError> {
         self.reader()?
             .query_row(
-                "SELECT ad_id, advertiser_id, campaign_id, landing_url, cpc_micros FROM ads WHERE ad_id = ?1",
+                &format!("SELECT {AD_COLUMNS} FROM ads WHERE ad_id = ?1"),
                 [ad_id as i64],
                 ad_from_row,
             )
@@ -691,7 +597,7 @@ impl Store for SqliteStore {
     fn ads(&self) -> Result<Vec<Ad>, StoreError> {
         let conn = self.reader()?;
         let mut stmt = conn
-            .prepare("SELECT ad_id, advertiser_id, campaign_id, landing_url, cpc_micros FROM ads")
+            .prepare(&format!("SELECT {AD_COLUMNS} FROM ads"))
             .map_err(unavailable("read ads"))?;
         stmt.query_map([], ad_from_row)
             .and_then(|rows| rows.collect())
@@ -732,38 +638,28 @@ impl Store for SqliteStore {
         to: Millis,
     ) -> Result<Vec<(Millis, Measures)>, StoreError> {
         let conn = self.reader()?;
-        let view = &ad_clicks::VIEW;
-        let (sql, args): (String, Vec<Value>) = if scope == MetricScope::Ad
-            && granularity == Granularity::Minute
-        {
-            (
-                format!(
-                    "SELECT window_start, {MEASURES} FROM {} WHERE ad_id = ?1 AND window_start >= ?2 \
-                     AND window_start < ?3 ORDER BY window_start",
-                    view.table()
-                ),
-                vec![
-                    Value::Integer(id as i64),
-                    Value::Integer(from as i64),
-                    Value::Integer(to as i64),
-                ],
-            )
-        } else {
-            (
-                format!(
-                    "SELECT window_start, {MEASURES} FROM {} WHERE scope = ?1 AND scope_id = ?2 \
-                     AND granularity = ?3 AND window_start >= ?4 AND window_start < ?5 ORDER BY window_start",
-                    view.rollup_table()
-                ),
-                vec![
-                    Value::Text(scope.as_str().into()),
-                    Value::Integer(id as i64),
-                    Value::Text(granularity.as_str().into()),
-                    Value::Integer(from as i64),
-                    Value::Integer(to as i64),
-                ],
-            )
-        };
+        let (sql, args): (String, Vec<Value>) =
+            if scope == MetricScope::Ad && granularity == Granularity::Minute {
+                (
+                    minute_series_sql(param),
+                    vec![
+                        Value::Integer(id as i64),
+                        Value::Integer(from as i64),
+                        Value::Integer(to as i64),
+                    ],
+                )
+            } else {
+                (
+                    rollup_series_sql(param),
+                    vec![
+                        Value::Text(scope.as_str().into()),
+                        Value::Integer(id as i64),
+                        Value::Text(granularity.as_str().into()),
+                        Value::Integer(from as i64),
+                        Value::Integer(to as i64),
+                    ],
+                )
+            };
         let mut stmt = conn
             .prepare_cached(&sql)
             .map_err(unavailable("read series"))?;
@@ -781,17 +677,11 @@ impl Store for SqliteStore {
         to: Millis,
     ) -> Result<Vec<(u64, Measures)>, StoreError> {
         let conn = self.reader()?;
-        let view = &ad_clicks::VIEW;
         let mut totals: BTreeMap<u64, Measures> = BTreeMap::new();
         for (g, a, b) in decompose(from, to) {
             let (sql, args) = if g == Granularity::Minute {
                 (
-                    format!(
-                        "SELECT ad_id, sum(clicks), sum(fraud_clicks), sum(late_clicks), sum(spend_micros) \
-                         FROM {} WHERE advertiser_id = ?1 AND window_start >= ?2 AND window_start < ?3 \
-                         GROUP BY ad_id",
-                        view.table()
-                    ),
+                    minute_totals_sql(param),
                     vec![
                         Value::Integer(advertiser_id as i64),
                         Value::Integer(a as i64),
@@ -800,13 +690,7 @@ impl Store for SqliteStore {
                 )
             } else {
                 (
-                    format!(
-                        "SELECT r.scope_id, sum(r.clicks), sum(r.fraud_clicks), sum(r.late_clicks), \
-                         sum(r.spend_micros) FROM {} r JOIN ads ON ads.ad_id = r.scope_id \
-                         WHERE r.scope = 'ad' AND r.granularity = ?1 AND ads.advertiser_id = ?2 \
-                         AND r.window_start >= ?3 AND r.window_start < ?4 GROUP BY r.scope_id",
-                        view.rollup_table()
-                    ),
+                    rollup_totals_sql(param),
                     vec![
                         Value::Text(g.as_str().into()),
                         Value::Integer(advertiser_id as i64),
@@ -840,12 +724,7 @@ impl Store for SqliteStore {
     ) -> Result<Vec<LateClick>, StoreError> {
         let conn = self.reader()?;
         let mut stmt = conn
-            .prepare_cached(&format!(
-                "SELECT impression_id, click_id, event_time, record_time FROM {} \
-                 WHERE ad_id = ?1 AND window_start >= ?2 AND window_start < ?3 \
-                 ORDER BY window_start, impression_id LIMIT ?4",
-                late_clicks::VIEW.table()
-            ))
+            .prepare_cached(&late_clicks_sql(param))
             .map_err(unavailable("read late clicks"))?;
         stmt.query_map(
             params![ad_id as i64, from as i64, to as i64, limit as i64],
@@ -876,221 +755,45 @@ fn ad_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Ad> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::Topic;
+    use crate::store::conformance::{Backend, RETENTION_MS, conformance_tests};
 
-    fn open(dir: &Path) -> SqliteStore {
-        SqliteStore::open(
-            &dir.join("store.db"),
-            crate::dataflows::VIEWS,
-            SqliteOptions {
-                read_pool_size: 2,
-                progress_retention_ms: 1_000,
-            },
-        )
-        .expect("open")
-    }
+    /// A store in a temporary directory of its own.
+    struct TempStore(tempfile::TempDir);
 
-    fn store(dir: &Path) -> SqliteStore {
-        let s = open(dir);
-        s.claim_writer().expect("claim");
-        s
-    }
+    impl TempStore {
+        fn new() -> TempStore {
+            TempStore(tempfile::tempdir().expect("tmp"))
+        }
 
-    #[test]
-    fn one_writer_per_store_and_a_dead_one_releases_it() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let first = open(dir.path());
-        assert!(
-            matches!(
-                first.commit(&batch(1_000, vec![])),
-                Err(StoreError::Fenced(_))
-            ),
-            "no commit without a claim"
-        );
-        assert_eq!(first.claim_writer().expect("claim").generation, 1);
-        first.commit(&batch(1_000, vec![])).expect("commit");
-        let second = open(dir.path());
-        assert!(matches!(second.claim_writer(), Err(StoreError::Fenced(_))));
-        drop(first);
-        assert_eq!(
-            second
-                .claim_writer()
-                .expect("claim after release")
-                .generation,
-            2
-        );
-        second.commit(&batch(2_000, vec![])).expect("commit");
-        assert_eq!(second.committed_frontier().expect("frontier"), Some(2_000));
-    }
-
-    fn minute_row(ad: u64, w: Millis, campaign: u64, clicks: i64, spend: i64) -> (Row, Row) {
-        (
-            vec![Datum::Id(ad), Datum::Time(w)],
-            vec![
-                Datum::Id(campaign),
-                Datum::Id(7),
-                Datum::Int(clicks),
-                Datum::Int(0),
-                Datum::Int(0),
-                Datum::Int(spend),
-            ],
-        )
-    }
-
-    fn batch(upper: Time, rows: Vec<(Row, Option<Row>)>) -> ChangeBatch {
-        let mut views = vec![ViewChanges::new(); crate::dataflows::VIEWS.len()];
-        views[0] = rows.into_iter().collect();
-        ChangeBatch {
-            upper,
-            views,
-            positions: BTreeMap::from([(
-                PartitionId {
-                    topic: Topic::Clicks,
-                    partition: 0,
-                },
-                LogPosition {
-                    offset: upper,
-                    time_floor_ms: upper,
-                },
-            )]),
+        fn path(&self) -> std::path::PathBuf {
+            self.0.path().join("store.db")
         }
     }
 
-    #[test]
-    fn rollups_equal_the_sum_of_stored_rows_through_updates_and_moves() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let s = store(dir.path());
-        let (k1, v1) = minute_row(1, 60_000, 70, 3, 300);
-        let (k2, v2) = minute_row(1, 120_000, 70, 2, 200);
-        s.commit(&batch(
-            1_000,
-            vec![(k1.clone(), Some(v1)), (k2.clone(), Some(v2))],
-        ))
-        .expect("c1");
-        // k1 grows, and the ad moves to campaign 71 for k2.
-        let (_, v1b) = minute_row(1, 60_000, 70, 5, 500);
-        let (_, v2b) = minute_row(1, 120_000, 71, 2, 200);
-        s.commit(&batch(
-            2_000,
-            vec![(k1.clone(), Some(v1b)), (k2.clone(), Some(v2b))],
-        ))
-        .expect("c2");
-
-        let five = s
-            .click_series(MetricScope::Ad, 1, Granularity::FiveMinutes, 0, 600_000)
-            .expect("series");
-        assert_eq!(
-            five,
-            vec![(
-                0,
-                Measures {
-                    clicks: 7,
-                    spend_micros: 700,
-                    ..Default::default()
-                }
-            )]
-        );
-        let c70 = s
-            .click_series(MetricScope::Campaign, 70, Granularity::Hour, 0, 3_600_000)
-            .expect("series");
-        assert_eq!(c70[0].1.clicks, 5);
-        let c71 = s
-            .click_series(MetricScope::Campaign, 71, Granularity::Minute, 0, 3_600_000)
-            .expect("series");
-        assert_eq!(
-            c71,
-            vec![(
-                120_000,
-                Measures {
-                    clicks: 2,
-                    spend_micros: 200,
-                    ..Default::default()
-                }
-            )]
-        );
-
-        // A replayed batch (same or older upper) is skipped, not applied twice.
-        s.commit(&batch(
-            2_000,
-            vec![(k1.clone(), Some(minute_row(1, 60_000, 70, 99, 0).1))],
-        ))
-        .expect("dup");
-        let adv = s
-            .click_series(MetricScope::Advertiser, 7, Granularity::Day, 0, 86_400_000)
-            .expect("series");
-        assert_eq!(adv[0].1.clicks, 7);
-
-        // Deleting a row takes it out of the rollups.
-        s.commit(&batch(3_000, vec![(k1, None)])).expect("c3");
-        let adv = s
-            .click_series(MetricScope::Advertiser, 7, Granularity::Day, 0, 86_400_000)
-            .expect("series");
-        assert_eq!(adv[0].1.clicks, 2);
-        assert_eq!(s.committed_frontier().expect("frontier"), Some(3_000));
-    }
-
-    #[test]
-    fn recovery_point_replays_from_the_horizon_and_pins_the_tick() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let s = store(dir.path());
-        assert_eq!(
-            s.recovery_point(200, 500).expect("empty"),
-            RecoveryPoint::default()
-        );
-        for upper in [1_000, 1_400, 1_800, 2_200] {
-            s.commit(&batch(upper, vec![])).expect("commit");
+    impl Backend for TempStore {
+        fn open(&self) -> Result<Box<dyn Store>, StoreError> {
+            Ok(Box::new(SqliteStore::open(
+                &self.path(),
+                crate::dataflows::VIEWS,
+                SqliteOptions {
+                    read_pool_size: 2,
+                    progress_retention_ms: RETENTION_MS,
+                },
+            )?))
         }
-        let rp = s.recovery_point(200, 500).expect("rp");
-        assert_eq!(rp.as_of, 2_200);
-        // Last commit at or before 2200 - 500 = 1700 is 1400.
-        assert_eq!(
-            rp.replay_from.values().next().map(|p| p.offset),
-            Some(1_400)
-        );
-        let err = s.recovery_point(100, 500).expect_err("tick changed");
-        assert!(err.to_string().contains("time.tick"), "{err}");
+
+        fn execute(&self, sql: &str) {
+            Connection::open(self.path())
+                .and_then(|c| c.execute_batch(sql))
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+
+        fn query_i64(&self, sql: &str) -> i64 {
+            Connection::open(self.path())
+                .and_then(|c| c.query_row(sql, [], |r| r.get(0)))
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        }
     }
 
-    #[test]
-    fn catalog_rules_hold() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let s = store(dir.path());
-        let ad = Ad {
-            ad_id: u64::MAX,
-            advertiser_id: 7,
-            campaign_id: 70,
-            landing_url: "https://a.example/".into(),
-            cpc_micros: 1,
-        };
-        assert!(matches!(s.upsert_ad(&ad), Err(StoreError::NotFound(_))));
-        s.create_advertiser(7, "A", &[1; 32]).expect("adv");
-        s.create_advertiser(8, "B", &[2; 32]).expect("adv");
-        assert!(matches!(
-            s.create_advertiser(7, "A", &[3; 32]),
-            Err(StoreError::Conflict(_))
-        ));
-        assert_eq!(s.upsert_ad(&ad).expect("create"), Upserted::Created);
-        assert_eq!(s.upsert_ad(&ad).expect("update"), Upserted::Updated);
-        assert_eq!(
-            s.ad(u64::MAX).expect("read"),
-            Some(ad.clone()),
-            "u64 ids survive bit-casting"
-        );
-        let stolen = Ad {
-            advertiser_id: 8,
-            ..ad.clone()
-        };
-        assert!(matches!(s.upsert_ad(&stolen), Err(StoreError::Conflict(_))));
-        let other = Ad {
-            ad_id: 5,
-            advertiser_id: 8,
-            ..ad
-        };
-        assert!(
-            matches!(s.upsert_ad(&other), Err(StoreError::Conflict(_))),
-            "campaign 70 is 7's"
-        );
-        assert_eq!(s.advertiser_for_key(&[2; 32]).expect("key"), Some(8));
-        assert_eq!(s.campaign_owner(70).expect("owner"), Some(7));
-    }
+    conformance_tests!(TempStore::new());
 }
