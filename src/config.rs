@@ -520,7 +520,10 @@ impl Config {
             );
         }
         if self.log.kafka_max_in_flight_records == 0 {
-            return invalid("log.kafka_max_in_flight_records", "must be at least 1".into());
+            return invalid(
+                "log.kafka_max_in_flight_records",
+                "must be at least 1".into(),
+            );
         }
         if self.store.read_pool_size == 0 {
             return invalid("store.read_pool_size", "must be at least 1".into());

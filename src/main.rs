@@ -46,7 +46,7 @@ enum Command {
         demo_rate: u64,
     },
     /// Create a demo catalog and send realistic click traffic to a server.
-    Loadgen(LoadgenArgs),
+    Loadgen(Box<LoadgenArgs>),
     /// Check a config file (and the environment) without starting anything.
     Config {
         #[command(subcommand)]

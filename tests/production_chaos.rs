@@ -16,7 +16,7 @@ use clickagg::log::kafka::{KafkaLog, KafkaLogOptions};
 use clickagg::log::{Log, LogPosition, all_partitions};
 use clickagg::record::{ClickEvent, Payload, Topic, is_heartbeat};
 use common::cluster::{Cluster, START_LIMIT, Shared};
-use common::compare::{assert_matches_oracle, measures, wait_counted};
+use common::compare::{assert_matches_oracle, measures, span, wait_counted};
 use common::oracle::{Measures, Oracle};
 use common::postgres::{PrivatePostgres, TestDb};
 use common::workload::{Driver, WorkloadSpec};
@@ -81,6 +81,8 @@ fn chaos(
 #[derive(Debug, Default)]
 struct Regressions {
     polls: u64,
+    /// Window values actually read (an answer that failed is not an observation).
+    observations: u64,
     drops: Vec<String>,
 }
 
@@ -100,10 +102,14 @@ fn poller(
         let mut seen: BTreeMap<(u64, u64), Measures> = BTreeMap::new();
         let mut frontier = 0u64;
         let mut out = Regressions::default();
+        // Every event time of the run lies within these hours.
+        let from = common::now_ms() - 3 * 3_600_000;
         while !stop.load(Ordering::Acquire) {
             for ad in &ads {
                 let Ok(r) = http
-                    .get(format!("{base}/v1/ads/{ad}/clicks?granularity=1m&from=0"))
+                    .get(format!(
+                        "{base}/v1/ads/{ad}/clicks?granularity=1m&from={from}"
+                    ))
                     .bearer_auth(ADMIN)
                     .timeout(Duration::from_secs(5))
                     .send()
@@ -134,6 +140,7 @@ fn poller(
                             .push(format!("ad {ad} window {w}: {before:?} -> {now:?}"));
                     }
                     seen.insert((*ad, w), now);
+                    out.observations += 1;
                 }
             }
             out.polls += 1;
@@ -187,8 +194,11 @@ fn lost_and_duplicated(cluster: &Cluster, oracle: &Oracle) -> (i64, i64) {
     let expected = oracle.series("ad", 60_000);
     let total = |m: &Measures| m.clicks + m.fraud_clicks + m.late_clicks;
     let (mut lost, mut duplicated) = (0, 0);
+    let (from, to) = span(oracle);
     for ad in oracle.ads.keys() {
-        let body = cluster.get_json(&format!("/v1/ads/{ad}/clicks?granularity=1m&from=0"));
+        let body = cluster.get_json(&format!(
+            "/v1/ads/{ad}/clicks?granularity=1m&from={from}&to={to}"
+        ));
         let got: BTreeMap<u64, Measures> = body["points"]
             .as_array()
             .expect("points")
@@ -282,14 +292,14 @@ fn chaos_kills_and_postgres_restarts_lose_and_double_nothing() {
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {} | {} | {} | {} | {} | {retries} | {lost} | {duplicated} | {} in {} polls |",
+        "| {} | {} | {} | {} | {} | {retries} | {lost} | {duplicated} | {} in {} window reads |",
         faults.len(),
         count(Fault::KillWorker),
         count(Fault::KillIngest),
         count(Fault::RestartPostgres),
         oracle.clicks.len(),
         regressions.drops.len(),
-        regressions.polls
+        regressions.observations
     );
     eprintln!("faults at: {faults:?}");
     assert_eq!(faults.len(), 10);
@@ -299,7 +309,12 @@ fn chaos_kills_and_postgres_restarts_lose_and_double_nothing() {
         "the store went backwards: {:?}",
         &regressions.drops[..regressions.drops.len().min(10)]
     );
-    assert!(regressions.polls > 10, "the poller barely ran");
+    assert!(
+        regressions.polls > 10 && regressions.observations > 1_000,
+        "the poller barely saw the store: {} polls, {} window values",
+        regressions.polls,
+        regressions.observations
+    );
 
     // Acceptance 2, in full: every window of every scope, top ads and late clicks.
     let windows = assert_matches_oracle(&cluster, &oracle);

@@ -28,10 +28,11 @@ impl TestBroker {
     /// Starts a broker on a free port with a fresh data directory, and waits until it
     /// accepts connections. Panics with instructions when no tansu binary is found.
     pub fn start() -> TestBroker {
-        let binary = find_tansu().unwrap_or_else(|| {
+        let binary = find_tansu().or_else(install_tansu).unwrap_or_else(|| {
             panic!(
                 "no tansu broker found (tried $CLICKAGG_TANSU, \
-                 $HOME/.cache/clickagg/tools/bin/tansu and PATH); run .ci/install-broker"
+                 $HOME/.cache/clickagg/tools/bin/tansu and PATH) and .ci/install-broker \
+                 could not install it"
             )
         });
         let dir = tempfile::Builder::new()
@@ -168,6 +169,22 @@ pub fn find_tansu() -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|dir| dir.join("tansu"))
         .find(|path| path.is_file())
+}
+
+/// Installs tansu with `.ci/install-broker` (once per machine; concurrent callers wait
+/// for one install), so the test command works on a machine that has none yet.
+fn install_tansu() -> Option<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/install-broker");
+    eprintln!(
+        "no tansu broker yet: running {} (one time, about 20 minutes)",
+        script.display()
+    );
+    let status = Command::new(&script).status().ok()?;
+    if !status.success() {
+        eprintln!("{} failed: {status}", script.display());
+        return None;
+    }
+    find_tansu()
 }
 
 /// A port nobody listens on right now.

@@ -12,6 +12,9 @@ use parking_lot::Mutex;
 use super::broker::TestBroker;
 use super::{Proc, Target, TestTimes, key_env};
 
+/// How often the cluster's ingest reloads the catalog (prices) from the store.
+pub const CATALOG_REFRESH: Duration = Duration::from_millis(500);
+
 /// How long a (re)started process may take to become ready.
 pub const START_LIMIT: Duration = Duration::from_secs(120);
 
@@ -45,7 +48,10 @@ impl Cluster {
             format!(
                 "{}\n[log]\nkind = \"kafka\"\nclick_partitions = 4\nverdict_partitions = 2\n\n\
                  [store]\nkind = \"postgres\"\n",
-                times.config_toml(workers)
+                times.config_toml_with(
+                    workers,
+                    &format!("catalog_refresh = \"{}ms\"\n", CATALOG_REFRESH.as_millis())
+                )
             ),
         )
         .expect("write config");
@@ -164,11 +170,27 @@ impl Target for Cluster {
             .collect()
     }
 
+    fn catalog_lag(&self) -> Duration {
+        CATALOG_REFRESH + Duration::from_millis(700)
+    }
+
     fn log_tail(&self) -> String {
         [&self.query, &self.ingest, &self.worker]
             .iter()
             .map(|p| p.lock().log_tail())
             .collect::<Vec<_>>()
             .join("\n")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for p in [&self.query, &self.ingest, &self.worker] {
+            p.lock().kill();
+        }
+        if std::env::var_os("CLICKAGG_KEEP_TEST_DIR").is_some() || std::thread::panicking() {
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
+            eprintln!("cluster logs kept in {}", dir.keep().display());
+        }
     }
 }

@@ -58,8 +58,13 @@ impl Default for TestTimes {
 impl TestTimes {
     /// The `[time]` and `[fraud]` sections (and `workers`) of a config file.
     pub fn config_toml(&self, workers: usize) -> String {
+        self.config_toml_with(workers, "")
+    }
+
+    /// Like [`TestTimes::config_toml`], with extra lines in the `[http]` section.
+    pub fn config_toml_with(&self, workers: usize, http: &str) -> String {
         format!(
-            "workers = {workers}\n\n[http]\ntrust_forwarded_for = true\n\n\
+            "workers = {workers}\n\n[http]\ntrust_forwarded_for = true\n{http}\n\
              [time]\ntick = \"{tick}ms\"\nimpression_ttl = \"{ttl}s\"\nallowed_lateness = \"{late}s\"\n\
              correction_window = \"{corr}s\"\n\n[fraud]\nmax_clicks_per_ip_per_second = {n}\n",
             tick = self.tick_ms,
@@ -95,6 +100,11 @@ pub trait Target {
     fn victims(&self) -> Vec<u32>;
     /// What the processes last logged.
     fn log_tail(&self) -> String;
+    /// How long a catalog change (a new price) may take to reach the click path: `serve`
+    /// updates its own cache, a production ingest reloads every `http.catalog_refresh`.
+    fn catalog_lag(&self) -> Duration {
+        Duration::ZERO
+    }
 
     /// GET with a key; panics on a transport error.
     fn get(&self, key: &str, path: &str) -> Response {

@@ -67,6 +67,10 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
+        if std::env::var_os("CLICKAGG_KEEP_TEST_DIR").is_some() || std::thread::panicking() {
+            eprintln!("test database kept: {}", self.url());
+            return;
+        }
         let _ = psql(
             self.port,
             "postgres",

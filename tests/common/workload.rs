@@ -512,6 +512,8 @@ pub fn run_until(
         put_ad(d, ad, ad_def.advertiser, ad_def.campaign, cpc, 200);
         prices[i * 3].1 = cpc;
     }
+    // Spend uses the price the click path knows; give the new prices time to get there.
+    std::thread::sleep(d.server.catalog_lag());
 
     let mut carried_b = Vec::new();
     let mut clicks_b = plan_phase(&mut rng, phase_b, &mut ips, 2, &mut carried_b, spec);
