@@ -4,8 +4,6 @@
 
 use std::sync::Arc;
 
-use anyhow::Context;
-
 use crate::config::Config;
 use crate::log::Log;
 use crate::metrics::Metrics;
@@ -60,8 +58,7 @@ pub async fn worker(
         Arc::clone(&store),
         Arc::clone(&metrics),
     )
-    .await
-    .context("starting the dataflow")?;
+    .await?;
     // The worker serves no authenticated route; its keys are random and never used.
     let secrets = Secrets::unusable();
     let state = app_state(
