@@ -25,6 +25,7 @@ fn click(i: u64) -> AppendRecord {
     };
     AppendRecord {
         partition: click_partition(event.ad_id, 4),
+        key: Some(event.ad_id),
         payload: event.encode(),
     }
 }

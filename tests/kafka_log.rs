@@ -48,6 +48,7 @@ fn batch(log: &KafkaLog, tag: &str, n: usize) -> Vec<AppendRecord> {
     (0..n)
         .map(|i| AppendRecord {
             partition: parts[i % parts.len()],
+            key: None,
             payload: format!("{tag}-{i}").into_bytes(),
         })
         .collect()
@@ -319,6 +320,7 @@ fn a_reader_resumes_exactly_from_a_committed_position() {
         let records: Vec<AppendRecord> = (0..20)
             .map(|i| AppendRecord {
                 partition: p,
+                key: None,
                 payload: format!("{round}-{i}").into_bytes(),
             })
             .collect();
@@ -429,6 +431,7 @@ fn throughput() {
             let records = (0..per_append)
                 .map(|i| AppendRecord {
                     partition: clicks[(a + i) % clicks.len()],
+                    key: None,
                     payload: payload.clone(),
                 })
                 .collect();

@@ -498,6 +498,7 @@ mod tests {
             .iter()
             .map(|b| AppendRecord {
                 partition: part(p),
+                key: None,
                 payload: b.to_vec(),
             })
             .collect();

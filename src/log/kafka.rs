@@ -319,6 +319,7 @@ impl KafkaLog {
             .flat_map(|topic| {
                 (0..self.partitions(topic)).map(move |partition| AppendRecord {
                     partition: PartitionId { topic, partition },
+                    key: None,
                     payload: HEARTBEAT.to_vec(),
                 })
             })
@@ -377,13 +378,17 @@ impl Inner {
                 index: i,
                 bytes: r.payload.len(),
             });
-            let record = BaseRecord::<(), [u8], Box<Ticket>>::with_opaque_to(
+            let key = r.key.map(u64::to_be_bytes);
+            let mut record = BaseRecord::<[u8], [u8], Box<Ticket>>::with_opaque_to(
                 &self.names[r.partition.topic.code() as usize],
                 ticket,
             )
             .partition(r.partition.partition as i32)
             .payload(r.payload.as_slice())
             .timestamp(time as i64);
+            if let Some(key) = &key {
+                record = record.key(key.as_slice());
+            }
             if let Err((e, record)) = producer.send(record) {
                 // Records i.. were never queued and get no delivery report: release their
                 // budget here. Records before i are queued and finish on their own.
@@ -1110,6 +1115,7 @@ mod tests {
             .iter()
             .map(|b| AppendRecord {
                 partition: p,
+                key: None,
                 payload: b.to_vec(),
             })
             .collect()
@@ -1345,6 +1351,38 @@ mod tests {
     }
 
     #[test]
+    fn records_are_keyed_by_ad() {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let mock = mock(2);
+        let log = KafkaLog::open(options(&mock)).expect("open");
+        let rt = runtime();
+        let keyed = |key| AppendRecord {
+            partition: clicks(1),
+            key,
+            payload: b"click".to_vec(),
+        };
+        rt.block_on(log.append(vec![keyed(Some(42)), keyed(None)]))
+            .expect("append");
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", mock.bootstrap_servers())
+            .set("group.id", "key-check")
+            .create()
+            .expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("clicks", 1, Offset::Beginning)
+            .expect("tpl");
+        consumer.assign(&tpl).expect("assign");
+        let mut keys = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while keys.len() < 2 && std::time::Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                keys.push(m.key().map(<[u8]>::to_vec));
+            }
+        }
+        assert_eq!(keys, vec![Some(42u64.to_be_bytes().to_vec()), None]);
+    }
+
+    #[test]
     fn partition_count_mismatch_is_refused() {
         let mock = mock(3);
         let err = KafkaLog::open(options(&mock)).err().expect("refused");
@@ -1528,6 +1566,7 @@ mod tests {
                         (0..10_000)
                             .map(|i| AppendRecord {
                                 partition: clicks(((a + i) % 2) as u32),
+                                key: None,
                                 payload: payload.clone(),
                             })
                             .collect(),

@@ -42,6 +42,9 @@ pub struct LogRecord {
 pub struct AppendRecord {
     /// The partition it goes to.
     pub partition: PartitionId,
+    /// The ad it is about, as the message key where the log has keys (Kafka), so tools
+    /// and consumers see clicks keyed by ad; the partition is chosen by the caller.
+    pub key: Option<u64>,
     /// The encoded payload.
     pub payload: Vec<u8>,
 }

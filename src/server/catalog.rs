@@ -160,6 +160,7 @@ pub async fn put_ad(
         .log
         .append(vec![AppendRecord {
             partition: ADS_PARTITION,
+            key: Some(ad_id),
             payload: record.encode(),
         }])
         .await?;
@@ -315,6 +316,7 @@ pub async fn fraud_verdicts(
         })?;
         records.push(AppendRecord {
             partition: verdict_partition(impression_id, partitions),
+            key: None,
             payload: FraudVerdict {
                 impression_id,
                 reason: v.reason.chars().take(256).collect(),

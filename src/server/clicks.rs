@@ -75,6 +75,7 @@ async fn append_clicks(
         .iter()
         .map(|(c, _)| AppendRecord {
             partition: click_partition(c.ad_id, partitions),
+            key: Some(c.ad_id),
             payload: c.encode(),
         })
         .collect();
