@@ -117,6 +117,9 @@ fn build<'s>(inputs: &ViewInputs<'s>) -> ViewCollection<'s> {
         .classified
         .clone()
         .explode(|c| Some(((c.ad_id, minute_of(c.event_time_ms)), ClickCounts::of(&c))))
+        // Two-stage counts: sum each worker's clicks per (ad, minute) before the exchange,
+        // so a hot ad sends one partial sum per batch to its key's worker, not every click.
+        .consolidate_stream()
         .count_total()
         .map(|((ad, minute), counts)| (ad, (minute, counts)))
         .join(inputs.ads.clone())

@@ -31,6 +31,8 @@ fn build<'s>(inputs: &ViewInputs<'s>) -> ViewCollection<'s> {
         .map(|c| (c.ad_id, Granularity::Hour.align(c.event_time_ms), c.user_id))
         .distinct_total()
         .map(|(ad, hour, _user)| (ad, hour))
+        // Pre-aggregate per worker before the exchange to the (ad, hour) key's worker.
+        .consolidate_stream()
         .count_total()
         .map(|((ad, hour), users)| {
             (

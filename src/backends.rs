@@ -81,12 +81,13 @@ pub async fn open_log(config: &Config) -> anyhow::Result<KafkaLog> {
 /// Opens (and migrates) the Postgres store.
 pub async fn open_store(config: &Config) -> anyhow::Result<PostgresStore> {
     let url = config.store.postgres_url.clone();
+    let views = config.views();
     let options = PostgresOptions {
         pool_size: config.store.read_pool_size,
         progress_retention_ms: config.horizon_ms(),
     };
     patiently("the Postgres store", move || {
-        PostgresStore::open(&url, crate::views::registry(), options)
+        PostgresStore::open(&url, views, options)
     })
     .await
     .context("Postgres (store.postgres_url)")
@@ -95,8 +96,9 @@ pub async fn open_store(config: &Config) -> anyhow::Result<PostgresStore> {
 /// `clickagg migrate`: the store's schema and view tables, and the Kafka topics.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     let url = config.store.postgres_url.clone();
+    let views = config.views();
     let applied = patiently("the Postgres store", move || {
-        crate::store::postgres::migrate(&url, crate::views::registry())
+        crate::store::postgres::migrate(&url, views)
     })
     .await?;
     println!(

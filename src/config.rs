@@ -73,6 +73,17 @@ pub struct Config {
     pub log: LogConfig,
     /// The result store.
     pub store: StoreConfig,
+    /// Which views run.
+    pub views: ViewsConfig,
+}
+
+/// Which of the registered views (`dataflows/`) run.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewsConfig {
+    /// Views switched off (not those the API reads). A view's window length enters the
+    /// minimum horizon, so switching off `ad_hourly_users` allows a horizon below an hour.
+    pub disabled: Vec<String>,
 }
 
 /// The HTTP server.
@@ -159,6 +170,10 @@ pub struct LogConfig {
     pub kafka_brokers: String,
     /// Prefix of the Kafka topic names (`<prefix>clicks`, ...), to share a cluster.
     pub topic_prefix: String,
+    /// Ads whose clicks spread over several partitions (by impression hash).
+    pub hot_ads: Vec<u64>,
+    /// Over how many `clicks` partitions each hot ad spreads.
+    pub hot_ad_spread: u32,
     /// Replication factor of the topics `migrate` creates (3 for real durability).
     pub kafka_replication_factor: u16,
     /// `min.insync.replicas` of the topics `migrate` creates.
@@ -436,6 +451,9 @@ impl Config {
                 format!("{} is not between 1 and 256", self.workers),
             );
         }
+        if let Err(message) = crate::views::check_disabled(&self.views.disabled) {
+            return invalid("views.disabled", message);
+        }
         let t = &self.time;
         if t.tick < Duration::from_millis(10) || t.tick > Duration::from_secs(10) {
             return invalid(
@@ -456,7 +474,7 @@ impl Config {
                     "time.horizon",
                     format!(
                         "{} is below the minimum {} = 2 x impression_ttl + correction_window + \
-                         longest view window (1h) + 2 ticks; use \"auto\" or raise it",
+                         longest view window + 2 ticks; use \"auto\" or raise it",
                         humantime::format_duration(h),
                         humantime::format_duration(min)
                     ),
@@ -496,6 +514,12 @@ impl Config {
                 "may hold only letters, digits, '.', '_' and '-' (at most 200)".into(),
             );
         }
+        if self.log.hot_ad_spread == 0 || self.log.hot_ad_spread > self.log.click_partitions {
+            return invalid(
+                "log.hot_ad_spread",
+                "must be between 1 and log.click_partitions".into(),
+            );
+        }
         if self.log.kafka_replication_factor == 0 {
             return invalid("log.kafka_replication_factor", "must be at least 1".into());
         }
@@ -531,6 +555,20 @@ impl Config {
         Ok(())
     }
 
+    /// How clicks are spread over the `clicks` partitions.
+    pub fn click_partitioner(&self) -> crate::log::ClickPartitioner {
+        crate::log::ClickPartitioner::new(
+            self.log.click_partitions,
+            &self.log.hot_ads,
+            self.log.hot_ad_spread,
+        )
+    }
+
+    /// The views that run: the registry minus `views.disabled`.
+    pub fn views(&self) -> &'static [crate::views::ViewDef] {
+        crate::views::enabled(&self.views.disabled)
+    }
+
     /// The tick.
     pub fn tick(&self) -> Tick {
         Tick::new(self.time.tick)
@@ -541,7 +579,7 @@ impl Config {
         let t = &self.time;
         2 * t.impression_ttl
             + t.correction_window
-            + Duration::from_millis(crate::views::longest_window_ms())
+            + Duration::from_millis(crate::views::longest_window_ms(self.views()))
             + 2 * t.tick
     }
 
@@ -605,6 +643,22 @@ mod tests {
     fn unknown_key_is_named() {
         let err = load("[time]\ntick_ms = 5\n", &[]).expect_err("unknown key");
         assert!(err.to_string().contains("tick_ms"), "{err}");
+    }
+
+    #[test]
+    fn views_can_be_switched_off_but_not_the_apis() {
+        let err = load("[views]\ndisabled = [\"nope\"]\n", &[]).expect_err("unknown");
+        assert!(err.to_string().contains("views.disabled") && err.to_string().contains("nope"));
+        let err = load("[views]\ndisabled = [\"ad_clicks\"]\n", &[]).expect_err("required");
+        assert!(err.to_string().contains("query API"), "{err}");
+        // Without the hourly view, a horizon of a few minutes is allowed.
+        let short = "[time]\nimpression_ttl = \"20s\"\ncorrection_window = \"30s\"\n\
+                     allowed_lateness = \"10s\"\nhorizon = \"3m\"\n";
+        assert!(load(short, &[]).is_err(), "the hourly view needs an hour");
+        let c = load(&format!("{short}[views]\ndisabled = [\"ad_hourly_users\"]\n"), &[])
+            .expect("valid without the hourly view");
+        assert!(c.views().iter().all(|v| v.name != "ad_hourly_users"));
+        assert!(c.min_horizon() < Duration::from_secs(180), "{:?}", c.min_horizon());
     }
 
     #[test]

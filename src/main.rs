@@ -11,6 +11,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use clickagg::config::Config;
 use clickagg::loadgen::LoadgenOptions;
 
+// jemalloc rather than the system allocator: the dataflow's arrangements merge large
+// batches from many threads, and glibc's per-thread arenas fragment and keep that memory,
+// so RSS creeps; jemalloc (with background purging) hands it back and stays level.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "clickagg",

@@ -54,6 +54,11 @@ pub struct Metrics {
     pub sink_commit_seconds: Histogram,
     /// The committed frontier, ms since the epoch.
     pub committed_frontier_ms: Gauge,
+    /// Updates held in the dataflow's arrangements (its state), over all workers.
+    pub arrangement_records: Gauge,
+    /// Updates waiting in arrangement batchers for their time to come (mostly the
+    /// horizon's expiry retractions), over all workers.
+    pub arrangement_batcher_records: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -79,6 +84,8 @@ impl Metrics {
             sink_rows: Counter::default(),
             sink_commit_seconds: latency_histogram(),
             committed_frontier_ms: Gauge::default(),
+            arrangement_records: Gauge::default(),
+            arrangement_batcher_records: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -150,6 +157,16 @@ impl Metrics {
             "committed_frontier_ms",
             "The committed frontier (record time, ms since the epoch)",
             m.committed_frontier_ms.clone(),
+        );
+        registry.register(
+            "arrangement_records",
+            "Updates held in the dataflow's arrangements (its state), all workers",
+            m.arrangement_records.clone(),
+        );
+        registry.register(
+            "arrangement_batcher_records",
+            "Updates waiting in arrangement batchers for their time (expiry retractions), all workers",
+            m.arrangement_batcher_records.clone(),
         );
         Metrics { registry, ..m }
     }

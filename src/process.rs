@@ -39,6 +39,7 @@ pub fn engine_spec(config: &Config, recovery: RecoveryPoint) -> EngineSpec {
         finality: config.finality(),
         recovery,
         idle_commit_interval: Duration::from_secs(1),
+        views: config.views(),
     }
 }
 
@@ -105,6 +106,7 @@ pub async fn app_state(
         catalog_writes: Arc::new(tokio::sync::Mutex::new(())),
         sink,
         finality: config.finality(),
+        partitioner: config.click_partitioner(),
         config,
     })
 }

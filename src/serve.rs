@@ -51,7 +51,7 @@ pub async fn run(
     let store: Arc<dyn Store> = Arc::new(
         SqliteStore::open(
             &store_path(&config),
-            crate::views::registry(),
+            config.views(),
             SqliteOptions {
                 read_pool_size: config.store.read_pool_size,
                 progress_retention_ms: config.horizon_ms(),

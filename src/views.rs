@@ -273,13 +273,42 @@ pub fn registry() -> &'static [ViewDef] {
     crate::dataflows::VIEWS
 }
 
-/// The longest window of any registered view: the horizon must cover it.
-pub fn longest_window_ms() -> u64 {
-    registry()
+/// Views the query API reads: a deployment cannot switch them off.
+pub const REQUIRED: &[&str] = &["ad_clicks", "late_clicks"];
+
+/// The registered views minus `disabled`, in registry order; names are checked by the
+/// config (see [`check_disabled`]). Switching a view off saves its state; its table stays
+/// as it was, and switching it on again on the same store leaves a gap in it.
+pub fn enabled(disabled: &[String]) -> &'static [ViewDef] {
+    if disabled.is_empty() {
+        return registry();
+    }
+    let views: Vec<ViewDef> = registry()
         .iter()
-        .map(|v| v.window.length_ms)
-        .max()
-        .unwrap_or(0)
+        .filter(|v| !disabled.iter().any(|d| d == v.name))
+        .copied()
+        .collect();
+    // Once per process: the dataflow, the sink and the store share one view list.
+    Box::leak(views.into_boxed_slice())
+}
+
+/// Why a list of views to switch off is not acceptable, if it is not.
+pub fn check_disabled(disabled: &[String]) -> Result<(), String> {
+    for name in disabled {
+        if !registry().iter().any(|v| v.name == name) {
+            let known: Vec<&str> = registry().iter().map(|v| v.name).collect();
+            return Err(format!("no view named {name:?}; the views are {known:?}"));
+        }
+        if REQUIRED.contains(&name.as_str()) {
+            return Err(format!("view {name:?} is read by the query API and cannot be switched off"));
+        }
+    }
+    Ok(())
+}
+
+/// The longest window of `views`: the horizon must cover it.
+pub fn longest_window_ms(views: &[ViewDef]) -> u64 {
+    views.iter().map(|v| v.window.length_ms).max().unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! The dataflow: log source -> classify -> views -> click sink, on timely workers.
 
+pub mod arrangements;
 pub mod classify;
 pub mod harness;
 pub mod sink;
@@ -91,6 +92,8 @@ pub struct EngineSpec {
     pub recovery: RecoveryPoint,
     /// Commits without row changes at most this often.
     pub idle_commit_interval: Duration,
+    /// The views to build; the store must have been opened with the same list.
+    pub views: &'static [ViewDef],
 }
 
 /// The running dataflow and its sink writer.
@@ -107,6 +110,36 @@ pub struct Engine {
 #[derive(Debug, thiserror::Error)]
 #[error("cannot start the dataflow: {0}")]
 pub struct EngineError(String);
+
+/// How much merge work an arrangement does per scheduling beyond what new batches pay
+/// for, while it holds more than one batch.
+const IDLE_MERGE_EFFORT: usize = 4_096;
+
+/// Timely worker settings for our dataflows: arrangements keep merging while they hold
+/// more than one non-empty batch, not only when new updates arrive. Expired clicks leave
+/// as `+1`/`-1` pairs that only a merge consolidates; without this they wait for the next
+/// large merge, and the state (and RSS) swings in a wide sawtooth around its level.
+pub fn worker_config() -> timely::WorkerConfig {
+    let exert: differential_dataflow::trace::ExertionLogic =
+        Arc::new(|layers: &[(usize, usize, usize)]| {
+            let mut non_empty = 0;
+            for (_level, count, length) in layers {
+                if *count > 1 {
+                    return Some(IDLE_MERGE_EFFORT);
+                }
+                if *length > 0 {
+                    non_empty += 1;
+                    if non_empty > 1 {
+                        return Some(IDLE_MERGE_EFFORT);
+                    }
+                }
+            }
+            None
+        });
+    let mut config = timely::WorkerConfig::default();
+    config.set("differential/default_exert_logic".to_owned(), exert);
+    config
+}
 
 /// Where each partition starts: catalog changes from the beginning (they never expire),
 /// clicks and verdicts from the recovery point's replay positions.
@@ -131,7 +164,7 @@ impl Engine {
         spec: EngineSpec,
         metrics: Arc<Metrics>,
     ) -> Result<Engine, EngineError> {
-        let views = crate::views::registry();
+        let views = spec.views;
         let claim = store
             .claim_writer()
             .map_err(|e| EngineError(format!("cannot become the store's writer: {e}")))?;
@@ -172,7 +205,11 @@ impl Engine {
             idle_commit_interval: spec.idle_commit_interval,
         };
         let stop = Arc::clone(&shutdown);
-        let guards = timely::execute(timely::Config::process(spec.workers), move |worker| {
+        let config = timely::Config {
+            communication: timely::CommunicationConfig::Process(spec.workers),
+            worker: worker_config(),
+        };
+        let guards = timely::execute(config, move |worker| {
             let (index, peers) = (worker.index(), worker.peers());
             let mine: Vec<(PartitionId, LogPosition)> = starts
                 .iter()
@@ -192,6 +229,7 @@ impl Engine {
             };
             let sink_spec = sink_spec.clone();
             let rules = spec.rules;
+            arrangements::report_sizes(worker, &metrics);
             worker.dataflow::<Time, _, _>(move |scope| {
                 let events = log_source(scope, source_spec);
                 let inputs = view_inputs(events.clone(), rules);

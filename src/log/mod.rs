@@ -140,9 +140,48 @@ pub fn click_partition(ad_id: u64, partitions: u32) -> PartitionId {
     }
 }
 
+/// Spreads clicks over the `clicks` partitions: by ad, so one ad's clicks stay in order
+/// together, except hot ads, whose clicks spread over `spread` consecutive partitions by
+/// impression hash, so a viral ad does not pin one partition (and so one worker). All
+/// clicks of one impression still share a partition.
+#[derive(Clone, Debug)]
+pub struct ClickPartitioner {
+    partitions: u32,
+    hot: std::collections::HashSet<u64>,
+    spread: u32,
+}
+
+impl ClickPartitioner {
+    /// Over `partitions` partitions, with `hot` ads spread over `spread` of them each.
+    pub fn new(partitions: u32, hot: &[u64], spread: u32) -> ClickPartitioner {
+        ClickPartitioner {
+            partitions: partitions.max(1),
+            hot: hot.iter().copied().collect(),
+            spread: spread.clamp(1, partitions.max(1)),
+        }
+    }
+
+    /// The partition of a click.
+    pub fn partition(&self, ad_id: u64, impression_id: u128) -> PartitionId {
+        let home = click_partition(ad_id, self.partitions);
+        if !self.hot.contains(&ad_id) {
+            return home;
+        }
+        let salt = (mix64(fold(impression_id)) % u64::from(self.spread)) as u32;
+        PartitionId {
+            partition: (home.partition + salt) % self.partitions,
+            ..home
+        }
+    }
+}
+
+fn fold(id: u128) -> u64 {
+    (id as u64) ^ ((id >> 64) as u64)
+}
+
 /// The partition of a fraud verdict: by impression.
 pub fn verdict_partition(impression_id: u128, partitions: u32) -> PartitionId {
-    let folded = (impression_id as u64) ^ ((impression_id >> 64) as u64);
+    let folded = fold(impression_id);
     PartitionId {
         topic: Topic::FraudVerdicts,
         partition: (mix64(folded) % u64::from(partitions.max(1))) as u32,
@@ -162,4 +201,28 @@ pub fn mix64(mut x: u64) -> u64 {
     x ^= x >> 27;
     x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hot_ads_spread_by_impression_and_impressions_stay_together() {
+        let p = ClickPartitioner::new(8, &[42], 4);
+        let cold: std::collections::BTreeSet<u32> =
+            (0..1000u128).map(|i| p.partition(7, i * 7919).partition).collect();
+        assert_eq!(cold.len(), 1, "a cold ad keeps one partition");
+        let hot: std::collections::BTreeSet<u32> =
+            (0..1000u128).map(|i| p.partition(42, i * 7919).partition).collect();
+        assert_eq!(hot.len(), 4, "a hot ad spreads over `spread` partitions: {hot:?}");
+        for i in 0..100u128 {
+            assert_eq!(p.partition(42, i), p.partition(42, i), "an impression stays put");
+        }
+        assert_eq!(
+            p.partition(7, 1),
+            click_partition(7, 8),
+            "cold ads are partitioned as before"
+        );
+    }
 }

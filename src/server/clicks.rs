@@ -16,7 +16,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::ApiPath;
 use super::json::{parse_json, read_json_bytes};
-use crate::log::{AppendRecord, Appended, click_partition};
+use crate::log::{AppendRecord, Appended};
 use crate::record::{ClickEvent, Payload};
 use crate::store::Ad;
 use crate::time::{Millis, now_ms, parse_rfc3339};
@@ -70,11 +70,10 @@ async fn append_clicks(
     if clicks.is_empty() {
         return Ok(Vec::new());
     }
-    let partitions = state.log.partitions(crate::record::Topic::Clicks);
     let records = clicks
         .iter()
         .map(|(c, _)| AppendRecord {
-            partition: click_partition(c.ad_id, partitions),
+            partition: state.partitioner.partition(c.ad_id, c.impression_id),
             key: Some(c.ad_id),
             payload: c.encode(),
         })

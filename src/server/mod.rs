@@ -58,6 +58,8 @@ pub struct AppState {
     pub sink: Option<Arc<SinkStatus>>,
     /// When windows become final.
     pub finality: Finality,
+    /// Which partition a click goes to.
+    pub partitioner: crate::log::ClickPartitioner,
 }
 
 impl AppState {

@@ -235,12 +235,21 @@ impl Server {
 
     /// Starts a server with `workers` timely workers.
     pub fn start_with(times: TestTimes, workers: usize) -> Server {
+        Server::start_configured(times, workers, "")
+    }
+
+    /// Starts a server whose config also has `extra` (whole TOML tables, e.g. `[views]`).
+    pub fn start_configured(times: TestTimes, workers: usize, extra: &str) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("clickagg-test-")
             .tempdir()
             .expect("temp dir");
         let config_path = dir.path().join("clickagg.toml");
-        std::fs::write(&config_path, times.config_toml(workers)).expect("write config");
+        std::fs::write(
+            &config_path,
+            format!("{}\n{extra}", times.config_toml(workers)),
+        )
+        .expect("write config");
         let mut proc = Proc::new(
             "serve",
             &["serve", "--config", &config_path.display().to_string()],
