@@ -11,8 +11,9 @@ use std::net::IpAddr;
 use differential_dataflow::VecCollection;
 use serde::{Deserialize, Serialize};
 
+use crate::dataflow::classify::Verdict;
 use crate::record::AdRecord;
-use crate::time::{Granularity, Millis, Time};
+use crate::time::{Finality, Granularity, Millis, Time};
 
 /// One column value of a view row.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -134,8 +135,16 @@ pub struct ClassifiedClick {
 pub struct ViewInputs<'s> {
     /// One click per impression that had any click, classified.
     pub classified: VecCollection<'s, Time, ClassifiedClick>,
+    /// Per impression with a live verdict, its earliest one, keyed by impression id. A
+    /// `Fraud` click was flagged by this verdict, or by the burst rule, or both.
+    pub first_verdicts: VecCollection<'s, Time, (u128, Verdict)>,
+    /// The impressions whose counted click the IP-burst rule flags, each once.
+    pub burst_flagged: VecCollection<'s, Time, u128>,
     /// The catalog: the latest record of every ad, keyed by ad id.
     pub ads: VecCollection<'s, Time, (u64, AdRecord)>,
+    /// When windows become final (the sink's rule), for views that ask what a row held
+    /// when it froze.
+    pub finality: Finality,
 }
 
 /// A view's output: `(key, value)` rows.
