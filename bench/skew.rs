@@ -61,7 +61,11 @@ struct Outcome {
 fn run(clicks: usize, salted: bool) -> Outcome {
     let extra = format!(
         "[log]\nclick_partitions = 8\nhot_ads = [{}]\nhot_ad_spread = 8\n",
-        if salted { HOT_AD.to_string() } else { String::new() }
+        if salted {
+            HOT_AD.to_string()
+        } else {
+            String::new()
+        }
     );
     let server = Server::start_configured(TestTimes::default(), 2, &extra);
     let pid = server.pid().expect("pid");
@@ -131,7 +135,12 @@ fn run(clicks: usize, salted: bool) -> Outcome {
         .as_array()
         .expect("ads")
         .iter()
-        .map(|a| (a["ad_id"].as_u64().unwrap_or(0), a["clicks"].as_i64().unwrap_or(0)))
+        .map(|a| {
+            (
+                a["ad_id"].as_u64().unwrap_or(0),
+                a["clicks"].as_i64().unwrap_or(0),
+            )
+        })
         .collect();
     Outcome {
         cpu,

@@ -5,7 +5,13 @@ use crate::views::ViewDef;
 
 pub mod ad_clicks;
 pub mod ad_hourly_users;
+pub mod fraud_adjustments;
 pub mod late_clicks;
 
 /// Every view the dataflow builds and the sink stores.
-pub static VIEWS: &[ViewDef] = &[ad_clicks::VIEW, late_clicks::VIEW, ad_hourly_users::VIEW];
+pub static VIEWS: &[ViewDef] = &[
+    ad_clicks::VIEW,
+    late_clicks::VIEW,
+    ad_hourly_users::VIEW,
+    fraud_adjustments::VIEW,
+];

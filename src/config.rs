@@ -654,11 +654,18 @@ mod tests {
         // Without the hourly view, a horizon of a few minutes is allowed.
         let short = "[time]\nimpression_ttl = \"20s\"\ncorrection_window = \"30s\"\n\
                      allowed_lateness = \"10s\"\nhorizon = \"3m\"\n";
-        assert!(load(short, &[]).is_err(), "the hourly view needs an hour");
-        let c = load(&format!("{short}[views]\ndisabled = [\"ad_hourly_users\"]\n"), &[])
-            .expect("valid without the hourly view");
+        assert!(load(short, &[]).is_err(), "the one-hour views need an hour");
+        let c = load(
+            &format!("{short}[views]\ndisabled = [\"ad_hourly_users\", \"fraud_adjustments\"]\n"),
+            &[],
+        )
+        .expect("valid without the one-hour views");
         assert!(c.views().iter().all(|v| v.name != "ad_hourly_users"));
-        assert!(c.min_horizon() < Duration::from_secs(180), "{:?}", c.min_horizon());
+        assert!(
+            c.min_horizon() < Duration::from_secs(180),
+            "{:?}",
+            c.min_horizon()
+        );
     }
 
     #[test]

@@ -17,6 +17,13 @@ use clickagg::loadgen::LoadgenOptions;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options: purge freed pages after about a second (not ten) from background
+/// threads, so RSS follows the live state instead of lagging it by a variable amount.
+/// `MALLOC_CONF` in the environment still overrides these.
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:1000\0";
+
 #[derive(Parser)]
 #[command(
     name = "clickagg",

@@ -11,8 +11,9 @@ use std::net::IpAddr;
 use differential_dataflow::VecCollection;
 use serde::{Deserialize, Serialize};
 
+use crate::dataflow::classify::Verdict;
 use crate::record::AdRecord;
-use crate::time::{Granularity, Millis, Time};
+use crate::time::{Finality, Granularity, Millis, Time};
 
 /// One column value of a view row.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -134,8 +135,16 @@ pub struct ClassifiedClick {
 pub struct ViewInputs<'s> {
     /// One click per impression that had any click, classified.
     pub classified: VecCollection<'s, Time, ClassifiedClick>,
+    /// Per impression with a live verdict, its earliest one, keyed by impression id. A
+    /// `Fraud` click was flagged by this verdict, or by the burst rule, or both.
+    pub first_verdicts: VecCollection<'s, Time, (u128, Verdict)>,
+    /// The impressions whose counted click the IP-burst rule flags, each once.
+    pub burst_flagged: VecCollection<'s, Time, u128>,
     /// The catalog: the latest record of every ad, keyed by ad id.
     pub ads: VecCollection<'s, Time, (u64, AdRecord)>,
+    /// When windows become final (the sink's rule), for views that ask what a row held
+    /// when it froze.
+    pub finality: Finality,
 }
 
 /// A view's output: `(key, value)` rows.
@@ -273,7 +282,8 @@ pub fn registry() -> &'static [ViewDef] {
     crate::dataflows::VIEWS
 }
 
-/// Views the query API reads: a deployment cannot switch them off.
+/// Views the query API's metrics read: a deployment cannot switch them off. (The
+/// `fraud_adjustments` routes answer `501 view_disabled` when that view is off.)
 pub const REQUIRED: &[&str] = &["ad_clicks", "late_clicks"];
 
 /// The registered views minus `disabled`, in registry order; names are checked by the
@@ -300,7 +310,9 @@ pub fn check_disabled(disabled: &[String]) -> Result<(), String> {
             return Err(format!("no view named {name:?}; the views are {known:?}"));
         }
         if REQUIRED.contains(&name.as_str()) {
-            return Err(format!("view {name:?} is read by the query API and cannot be switched off"));
+            return Err(format!(
+                "view {name:?} is read by the query API and cannot be switched off"
+            ));
         }
     }
     Ok(())

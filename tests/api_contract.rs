@@ -388,6 +388,24 @@ fn every_bad_input_gets_its_status_and_code_and_changes_nothing() {
             "invalid_limit",
         ),
         case(
+            "fraud-adjustments limit out of range",
+            Method::GET,
+            "/v1/ads/10/fraud-adjustments?limit=10001",
+            Some(ADMIN),
+            None,
+            400,
+            "invalid_limit",
+        ),
+        case(
+            "fraud-adjustments from after to",
+            Method::GET,
+            "/v1/advertisers/1/fraud-adjustments?from=2000000&to=1000000",
+            Some(ADMIN),
+            None,
+            400,
+            "invalid_range",
+        ),
+        case(
             "campaign id not a number",
             Method::GET,
             "/v1/campaigns/x/clicks",
@@ -571,9 +589,11 @@ fn foreign_paths(ad: u64, campaign: u64, advertiser: u64) -> Vec<String> {
         format!("/v1/ads/{ad}"),
         format!("/v1/ads/{ad}/clicks?granularity=1m"),
         format!("/v1/ads/{ad}/late-clicks"),
+        format!("/v1/ads/{ad}/fraud-adjustments"),
         format!("/v1/campaigns/{campaign}/clicks?granularity=1h"),
         format!("/v1/advertisers/{advertiser}/clicks?granularity=1d"),
         format!("/v1/advertisers/{advertiser}/top-ads"),
+        format!("/v1/advertisers/{advertiser}/fraud-adjustments"),
     ]
 }
 

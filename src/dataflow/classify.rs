@@ -8,6 +8,11 @@
 //! - an impression whose clicks are all late counts once as a late click (its earliest);
 //! - a counted click is fraud when a verdict names its impression, or when more than N
 //!   counted clicks share its IP and its second of event time; otherwise it is billable.
+//!
+//! Besides the classes, [`classify`] hands the views the two causes of fraud it decided
+//! on: the first verdict of each impression (with its arrival time) and the impressions the
+//! IP-burst rule flags. A view that asks *when* a click became fraud (the billing
+//! adjustments of `dataflows/fraud_adjustments.rs`) reads them instead of deciding again.
 
 use std::net::IpAddr;
 
@@ -78,6 +83,29 @@ impl Click {
     }
 }
 
+/// A fraud verdict as the dataflow sees it: the impression it names, and when it came.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Verdict {
+    /// The impression it names.
+    pub impression_id: u128,
+    /// Record time, made monotone per partition as a click's is.
+    pub record_time_ms: Millis,
+    /// The timely time it entered the dataflow at: its record time rounded up to a tick.
+    /// The sink's finality rule compares timely times, so whether a verdict came before or
+    /// after a window froze is decided on this time, not on the record time.
+    pub time: Time,
+}
+
+/// What classification gives the views (see [`crate::views::ViewInputs`]).
+pub struct Classification<'s> {
+    /// One classified click per impression that has clicks.
+    pub classified: VecCollection<'s, Time, ClassifiedClick>,
+    /// Per impression with a live verdict, its earliest one by `(time, record time)`.
+    pub first_verdicts: VecCollection<'s, Time, (u128, Verdict)>,
+    /// The impressions whose counted click the IP-burst rule flags, each once.
+    pub burst_flagged: VecCollection<'s, Time, u128>,
+}
+
 /// The parameters of the classification.
 #[derive(Clone, Copy, Debug)]
 pub struct Rules {
@@ -87,12 +115,12 @@ pub struct Rules {
     pub max_clicks_per_ip_per_second: u64,
 }
 
-/// One classified click per impression that has clicks.
+/// One classified click per impression that has clicks, and the causes of its fraud.
 pub fn classify<'s>(
     clicks: VecCollection<'s, Time, Click>,
-    verdicts: VecCollection<'s, Time, u128>,
+    verdicts: VecCollection<'s, Time, Verdict>,
     rules: Rules,
-) -> VecCollection<'s, Time, ClassifiedClick> {
+) -> Classification<'s> {
     let firsts = first_clicks(clicks, rules.lateness_ms);
     let on_time = firsts
         .clone()
@@ -102,11 +130,12 @@ pub fn classify<'s>(
         .filter(|(_, (on_time, _))| !*on_time)
         .map(|(_, (_, c))| c.classified(ClickClass::Late));
 
-    let flagged = verdicts
-        .concat(ip_bursts(
-            on_time.clone(),
-            rules.max_clicks_per_ip_per_second,
-        ))
+    let first_verdicts = first_verdicts(verdicts);
+    let burst_flagged = ip_bursts(on_time.clone(), rules.max_clicks_per_ip_per_second);
+    let flagged = first_verdicts
+        .clone()
+        .map(|(imp, _)| imp)
+        .concat(burst_flagged.clone())
         .distinct_total();
     let fraud = on_time
         .clone()
@@ -116,7 +145,24 @@ pub fn classify<'s>(
         .antijoin(flagged)
         .map(|(_, c)| c.classified(ClickClass::Billable));
 
-    billable.concat(fraud).concat(late)
+    Classification {
+        classified: billable.concat(fraud).concat(late),
+        first_verdicts,
+        burst_flagged,
+    }
+}
+
+/// Per impression, its earliest live verdict: later ones add nothing.
+fn first_verdicts<'s>(
+    verdicts: VecCollection<'s, Time, Verdict>,
+) -> VecCollection<'s, Time, (u128, Verdict)> {
+    verdicts
+        .map(|v| (v.impression_id, v))
+        .reduce(|_imp, all, out| {
+            if let Some((first, _)) = all.iter().min_by_key(|(v, _)| (v.time, v.record_time_ms)) {
+                out.push((**first, 1));
+            }
+        })
 }
 
 /// Per impression, the click that counts, and whether it was on time.

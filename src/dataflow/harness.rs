@@ -13,7 +13,7 @@ use super::classify::Rules;
 use super::sink::SinkRecord;
 use super::source::SourceEvent;
 use super::{view_inputs, view_records};
-use crate::time::Time;
+use crate::time::{Finality, Time};
 use crate::views::{Row, ViewDef};
 
 /// The updates the log source would emit for `events`: each at its time, and clicks and
@@ -36,6 +36,7 @@ pub fn source_updates(
 pub fn run_views(
     updates: Vec<(SourceEvent, Time, isize)>,
     rules: Rules,
+    finality: Finality,
     views: &'static [ViewDef],
 ) -> Vec<(SinkRecord, Time, isize)> {
     let (send, recv) = std::sync::mpsc::channel();
@@ -49,7 +50,7 @@ pub fn run_views(
         let (mut input, capability) = worker.dataflow::<Time, _, _>(|scope| {
             let ((input, capability), stream) =
                 scope.new_unordered_input::<(SourceEvent, Time, isize)>();
-            let inputs = view_inputs(stream.as_collection(), rules);
+            let inputs = view_inputs(stream.as_collection(), rules, finality);
             view_records(&inputs, views).inner.capture_into(send);
             (input, capability)
         });

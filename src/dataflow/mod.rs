@@ -28,22 +28,27 @@ use crate::views::{ViewDef, ViewInputs};
 pub fn view_inputs<'s>(
     events: VecCollection<'s, Time, SourceEvent>,
     rules: Rules,
+    finality: Finality,
 ) -> ViewInputs<'s> {
     let clicks = events.clone().flat_map(|e| match e {
         SourceEvent::Click(c) => Some(c),
         _ => None,
     });
     let verdicts = events.clone().flat_map(|e| match e {
-        SourceEvent::Verdict(imp) => Some(imp),
+        SourceEvent::Verdict(v) => Some(v),
         _ => None,
     });
     let ads = events.flat_map(|e| match e {
         SourceEvent::Ad(offset, record) => Some((offset, record)),
         _ => None,
     });
+    let classification = classify(clicks, verdicts, rules);
     ViewInputs {
-        classified: classify(clicks, verdicts, rules),
+        classified: classification.classified,
+        first_verdicts: classification.first_verdicts,
+        burst_flagged: classification.burst_flagged,
         ads: latest_ads(ads),
+        finality,
     }
 }
 
@@ -228,11 +233,11 @@ impl Engine {
                 metrics: Arc::clone(&metrics),
             };
             let sink_spec = sink_spec.clone();
-            let rules = spec.rules;
+            let (rules, finality) = (spec.rules, spec.finality);
             arrangements::report_sizes(worker, &metrics);
             worker.dataflow::<Time, _, _>(move |scope| {
                 let events = log_source(scope, source_spec);
-                let inputs = view_inputs(events.clone(), rules);
+                let inputs = view_inputs(events.clone(), rules, finality);
                 let records = view_records(&inputs, views).concat(position_records(events));
                 click_sink(records, sink_spec);
             });

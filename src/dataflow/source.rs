@@ -19,7 +19,7 @@ use timely::container::CapacityContainerBuilder;
 use timely::dataflow::Scope;
 use timely::dataflow::operators::generic::operator::source;
 
-use super::classify::Click;
+use super::classify::{Click, Verdict};
 use crate::log::{Log, LogPosition, PartitionBatch};
 use crate::metrics::Metrics;
 use crate::record::{
@@ -32,8 +32,9 @@ use crate::time::{Tick, Time, now_ms};
 pub enum SourceEvent {
     /// A click; retracted again at its time + horizon.
     Click(Click),
-    /// A fraud verdict for an impression; retracted again at its time + horizon.
-    Verdict(u128),
+    /// A fraud verdict for an impression, with its arrival time; retracted again at its
+    /// time + horizon.
+    Verdict(Verdict),
     /// A catalog record and its offset (later offsets win); never retracted.
     Ad(u64, AdRecord),
     /// All records of the partition before `position` have times at most this one's.
@@ -124,7 +125,12 @@ pub fn log_source<'s>(
                         if is_heartbeat(&record.payload) {
                             continue;
                         }
-                        match decode(batch.partition.topic, record.offset, part.floor_ms, &record.payload, ttl_ms) {
+                        let at = RecordAt {
+                            offset: record.offset,
+                            record_time_ms: part.floor_ms,
+                            time,
+                        };
+                        match decode(batch.partition.topic, at, &record.payload, ttl_ms) {
                             Some(event @ (SourceEvent::Click(_) | SourceEvent::Verdict(_))) => {
                                 session.give((event.clone(), time, 1));
                                 session.give((event, time + horizon_ms, -1));
@@ -212,23 +218,33 @@ impl PartitionState {
     }
 }
 
-fn decode(
-    topic: Topic,
+/// Where a record sits in its partition and the times the source gives it.
+#[derive(Clone, Copy, Debug)]
+struct RecordAt {
     offset: u64,
+    /// The running max of record times.
     record_time_ms: u64,
-    payload: &[u8],
-    ttl_ms: u64,
-) -> Option<SourceEvent> {
+    /// The timely time it is emitted at.
+    time: Time,
+}
+
+fn decode(topic: Topic, at: RecordAt, payload: &[u8], ttl_ms: u64) -> Option<SourceEvent> {
     match topic {
         Topic::Clicks => ClickEvent::decode(payload)
             .ok()
-            .map(|e| SourceEvent::Click(Click::from_event(e, record_time_ms, ttl_ms))),
-        Topic::FraudVerdicts => FraudVerdict::decode(payload)
-            .ok()
-            .map(|v| SourceEvent::Verdict(v.impression_id)),
+            .map(|e| SourceEvent::Click(Click::from_event(e, at.record_time_ms, ttl_ms))),
+        // A verdict carries its arrival time as data: the adjustment view compares it with
+        // the finality of the window its click was billed in.
+        Topic::FraudVerdicts => FraudVerdict::decode(payload).ok().map(|v| {
+            SourceEvent::Verdict(Verdict {
+                impression_id: v.impression_id,
+                record_time_ms: at.record_time_ms,
+                time: at.time,
+            })
+        }),
         Topic::Ads => AdRecord::decode(payload)
             .ok()
-            .map(|r| SourceEvent::Ad(offset, r)),
+            .map(|r| SourceEvent::Ad(at.offset, r)),
     }
 }
 

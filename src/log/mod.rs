@@ -210,14 +210,24 @@ mod tests {
     #[test]
     fn hot_ads_spread_by_impression_and_impressions_stay_together() {
         let p = ClickPartitioner::new(8, &[42], 4);
-        let cold: std::collections::BTreeSet<u32> =
-            (0..1000u128).map(|i| p.partition(7, i * 7919).partition).collect();
+        let cold: std::collections::BTreeSet<u32> = (0..1000u128)
+            .map(|i| p.partition(7, i * 7919).partition)
+            .collect();
         assert_eq!(cold.len(), 1, "a cold ad keeps one partition");
-        let hot: std::collections::BTreeSet<u32> =
-            (0..1000u128).map(|i| p.partition(42, i * 7919).partition).collect();
-        assert_eq!(hot.len(), 4, "a hot ad spreads over `spread` partitions: {hot:?}");
+        let hot: std::collections::BTreeSet<u32> = (0..1000u128)
+            .map(|i| p.partition(42, i * 7919).partition)
+            .collect();
+        assert_eq!(
+            hot.len(),
+            4,
+            "a hot ad spreads over `spread` partitions: {hot:?}"
+        );
         for i in 0..100u128 {
-            assert_eq!(p.partition(42, i), p.partition(42, i), "an impression stays put");
+            assert_eq!(
+                p.partition(42, i),
+                p.partition(42, i),
+                "an impression stays put"
+            );
         }
         assert_eq!(
             p.partition(7, 1),

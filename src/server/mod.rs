@@ -165,6 +165,10 @@ pub fn router(state: AppState, role: Role) -> Router {
             .route("/v1/ads/{ad_id}/clicks", get(query::ad_clicks))
             .route("/v1/ads/{ad_id}/late-clicks", get(query::ad_late_clicks))
             .route(
+                "/v1/ads/{ad_id}/fraud-adjustments",
+                get(query::ad_fraud_adjustments),
+            )
+            .route(
                 "/v1/campaigns/{campaign_id}/clicks",
                 get(query::campaign_clicks),
             )
@@ -175,6 +179,10 @@ pub fn router(state: AppState, role: Role) -> Router {
             .route(
                 "/v1/advertisers/{advertiser_id}/top-ads",
                 get(query::top_ads),
+            )
+            .route(
+                "/v1/advertisers/{advertiser_id}/fraud-adjustments",
+                get(query::advertiser_fraud_adjustments),
             )
             .route("/openapi.json", get(ops::openapi));
     }

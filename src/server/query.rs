@@ -1,4 +1,5 @@
-//! Advertiser metrics: per-window series, top ads and late clicks, read from the store.
+//! Advertiser metrics: per-window series, top ads, late clicks and fraud adjustments, read
+//! from the store.
 
 use std::collections::HashMap;
 
@@ -10,8 +11,9 @@ use super::clicks::TimeIn;
 use super::error::ApiError;
 use super::extract::{ApiPath, ApiQuery};
 use super::{AppState, auth::Caller, blocking};
-use crate::store::{Measures, MetricScope};
-use crate::time::{Granularity, Millis, now_ms, rfc3339};
+use crate::dataflows::fraud_adjustments;
+use crate::store::{AdjustmentTotals, FraudAdjustment, Measures, MetricScope};
+use crate::time::{Granularity, Millis, minute_of, now_ms, rfc3339};
 
 /// A series may hold at most this many windows.
 const MAX_POINTS: u64 = 50_000;
@@ -301,4 +303,165 @@ pub async fn ad_late_clicks(
     Ok(Json(
         serde_json::json!({ "ad_id": ad_id, "late_clicks": clicks }),
     ))
+}
+
+/// Fraud adjustments listed per answer at most (the totals cover them all).
+const MAX_ADJUSTMENTS: usize = 10_000;
+
+/// One fraud adjustment: a billed click of a frozen window that a later verdict named.
+#[derive(Debug, Serialize)]
+pub struct AdjustmentOut {
+    /// The ad.
+    pub ad_id: u64,
+    /// Its campaign.
+    pub campaign_id: u64,
+    /// The impression.
+    pub impression_id: String,
+    /// The billed click.
+    pub click_id: String,
+    /// The minute the click was billed in (its window stays as billed), RFC 3339.
+    pub window_start: String,
+    /// The click's event time, RFC 3339.
+    pub event_time: String,
+    /// When the first verdict naming the impression was recorded, RFC 3339.
+    pub verdict_time: String,
+    /// Change to billable clicks (-1).
+    pub clicks: i64,
+    /// Change to fraud clicks (+1).
+    pub fraud_clicks: i64,
+    /// Change to spend (minus the click's price).
+    pub spend_micros: i64,
+    /// Whether the adjustment can no longer change (its adjustment period is over).
+    #[serde(rename = "final")]
+    pub is_final: bool,
+}
+
+/// A fraud-adjustments answer.
+#[derive(Debug, Serialize)]
+pub struct AdjustmentsOut {
+    /// First billed minute, RFC 3339.
+    pub from: String,
+    /// End of the billed minutes (exclusive), RFC 3339.
+    pub to: String,
+    /// As in a series: every verdict recorded by then is accounted for.
+    pub complete_through: Option<String>,
+    /// By billed window, then ad, then impression.
+    pub adjustments: Vec<AdjustmentOut>,
+    /// Over every adjustment in the range, listed or not.
+    pub totals: AdjustmentTotals,
+    /// Whether the range holds more adjustments than listed.
+    pub truncated: bool,
+}
+
+/// `from` and `to` of a listing over billed minutes: aligned down; by default the 30 days
+/// up to the end of the current minute. Unlike a series, the span is not limited: the
+/// answer is bounded by its row limit.
+fn listing_range(params: &HashMap<String, String>) -> Result<(Millis, Millis), ApiError> {
+    let to = param_time(params, "to")?.unwrap_or_else(|| now_ms() + 60_000);
+    let from = param_time(params, "from")?.unwrap_or_else(|| to.saturating_sub(30 * 86_400_000));
+    if from > to {
+        return Err(ApiError::bad_request("invalid_range", "from is after to"));
+    }
+    Ok((minute_of(from), minute_of(to)))
+}
+
+fn adjustment_out(state: &AppState, committed: u64, a: FraudAdjustment) -> AdjustmentOut {
+    let open_ms = fraud_adjustments::VIEW.window.length_ms;
+    AdjustmentOut {
+        ad_id: a.ad_id,
+        campaign_id: a.campaign_id,
+        impression_id: a.impression_id,
+        click_id: a.click_id,
+        window_start: rfc3339(a.window_start_ms),
+        event_time: rfc3339(a.event_time_ms),
+        verdict_time: rfc3339(a.verdict_time_ms),
+        clicks: a.clicks,
+        fraud_clicks: a.fraud_clicks,
+        spend_micros: a.spend_micros,
+        is_final: state
+            .finality
+            .is_final(a.window_start_ms, open_ms, committed),
+    }
+}
+
+async fn adjustments(
+    state: &AppState,
+    scope: MetricScope,
+    id: u64,
+    params: &HashMap<String, String>,
+) -> Result<Json<AdjustmentsOut>, ApiError> {
+    if !state
+        .config
+        .views()
+        .iter()
+        .any(|v| v.name == "fraud_adjustments")
+    {
+        return Err(ApiError::new(
+            axum::http::StatusCode::NOT_IMPLEMENTED,
+            "view_disabled",
+            "this deployment switched off the fraud_adjustments view (views.disabled)",
+        ));
+    }
+    let (from, to) = listing_range(params)?;
+    let limit = match params.get("limit") {
+        None => MAX_ADJUSTMENTS,
+        Some(s) => s
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_ADJUSTMENTS).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_limit",
+                    format!("limit must be between 1 and {MAX_ADJUSTMENTS}"),
+                )
+            })?,
+    };
+    let store = state.store.clone();
+    let (found, frontier) = blocking(move || {
+        let found = store.fraud_adjustments(scope, id, from, to, limit)?;
+        Ok::<_, crate::store::StoreError>((found, store.committed_frontier()?))
+    })
+    .await?;
+    let committed = frontier.unwrap_or(0);
+    let truncated = (found.rows.len() as i64) < found.totals.adjustments;
+    Ok(Json(AdjustmentsOut {
+        from: rfc3339(from),
+        to: rfc3339(to),
+        complete_through: frontier.map(|f| rfc3339(complete_through(f, state.config.tick().ms()))),
+        adjustments: found
+            .rows
+            .into_iter()
+            .map(|a| adjustment_out(state, committed, a))
+            .collect(),
+        totals: found.totals,
+        truncated,
+    }))
+}
+
+/// `GET /v1/ads/{ad_id}/fraud-adjustments`: billing adjustments of one ad.
+pub async fn ad_fraud_adjustments(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(ad_id): ApiPath<u64>,
+    ApiQuery(params): ApiQuery<HashMap<String, String>>,
+) -> Result<Json<AdjustmentsOut>, ApiError> {
+    let store = state.store.clone();
+    let owner = blocking(move || store.ad(ad_id))
+        .await?
+        .map(|a| a.advertiser_id);
+    caller.require_reader_of(owner, &format!("ad {ad_id}"))?;
+    adjustments(&state, MetricScope::Ad, ad_id, &params).await
+}
+
+/// `GET /v1/advertisers/{advertiser_id}/fraud-adjustments`: billing adjustments of all of
+/// one advertiser's ads.
+pub async fn advertiser_fraud_adjustments(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(advertiser_id): ApiPath<u64>,
+    ApiQuery(params): ApiQuery<HashMap<String, String>>,
+) -> Result<Json<AdjustmentsOut>, ApiError> {
+    let owner = advertiser_owner(&state, advertiser_id).await?;
+    caller.require_reader_of(owner, &format!("advertiser {advertiser_id}"))?;
+    adjustments(&state, MetricScope::Advertiser, advertiser_id, &params).await
 }

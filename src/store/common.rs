@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::{Ad, StoreError, Upserted};
+use super::{Ad, MetricScope, StoreError, Upserted};
 use crate::log::LogPosition;
 use crate::record::PartitionId;
 use crate::time::{Granularity, Millis};
@@ -277,5 +277,53 @@ pub(crate) fn late_clicks_sql(p: Param) -> String {
         p(2),
         p(3),
         p(4)
+    )
+}
+
+/// Which `fraud_adjustments` rows a scope reads, by the first parameter. An advertiser's
+/// are found through its ads (an ad never changes advertiser), so the primary key serves.
+fn adjustments_of(scope: MetricScope, p: Param) -> String {
+    match scope {
+        MetricScope::Ad => format!("ad_id = {}", p(1)),
+        MetricScope::Campaign => format!("campaign_id = {}", p(1)),
+        MetricScope::Advertiser => {
+            format!(
+                "ad_id IN (SELECT ad_id FROM ads WHERE advertiser_id = {})",
+                p(1)
+            )
+        }
+    }
+}
+
+/// The columns a [`super::FraudAdjustment`] is read from, in order.
+pub(crate) const ADJUSTMENT_COLUMNS: &str = "ad_id, campaign_id, advertiser_id, impression_id, \
+     click_id, window_start, event_time, verdict_time, clicks, fraud_clicks, spend_micros";
+
+/// One scope's fraud adjustments: `(id, from, to, limit)`, [`ADJUSTMENT_COLUMNS`].
+pub(crate) fn fraud_adjustments_sql(scope: MetricScope, p: Param) -> String {
+    format!(
+        "SELECT {ADJUSTMENT_COLUMNS} FROM {} WHERE {} \
+         AND window_start >= {} AND window_start < {} \
+         ORDER BY window_start, ad_id, impression_id LIMIT {}",
+        crate::dataflows::fraud_adjustments::VIEW.table(),
+        adjustments_of(scope, p),
+        p(2),
+        p(3),
+        p(4)
+    )
+}
+
+/// The totals of one scope's fraud adjustments: `(id, from, to)` -> count, clicks,
+/// fraud clicks, spend. The casts keep the sums integers (Postgres sums BIGINT as NUMERIC).
+pub(crate) fn fraud_adjustment_totals_sql(scope: MetricScope, p: Param) -> String {
+    format!(
+        "SELECT count(*), CAST(coalesce(sum(clicks), 0) AS BIGINT), \
+         CAST(coalesce(sum(fraud_clicks), 0) AS BIGINT), \
+         CAST(coalesce(sum(spend_micros), 0) AS BIGINT) \
+         FROM {} WHERE {} AND window_start >= {} AND window_start < {}",
+        crate::dataflows::fraud_adjustments::VIEW.table(),
+        adjustments_of(scope, p),
+        p(2),
+        p(3)
     )
 }

@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::{
-    Ad, ChangeBatch, Measures, MetricScope, RecoveryPoint, Store, StoreError, Upserted, ViewChanges,
+    Ad, AdjustmentTotals, ChangeBatch, FraudAdjustment, Measures, MetricScope, RecoveryPoint,
+    Store, StoreError, Upserted, ViewChanges,
 };
 use crate::log::LogPosition;
 use crate::record::{PartitionId, Topic};
@@ -41,6 +42,7 @@ macro_rules! conformance_tests {
                 an_empty_store_answers_with_nothing,
                 catalog_rules_hold,
                 late_clicks_and_views_without_rollups_round_trip,
+                fraud_adjustments_list_and_total_by_scope,
                 a_view_table_that_differs_from_its_declaration_is_refused
             );
         }
@@ -483,6 +485,13 @@ pub(crate) fn an_empty_store_answers_with_nothing(b: &dyn Backend) {
     );
     assert_eq!(s.ad_totals(1, 0, 86_400_000).expect("totals"), vec![]);
     assert_eq!(s.late_clicks(1, 0, 86_400_000, 10).expect("late"), vec![]);
+    let none = s
+        .fraud_adjustments(MetricScope::Advertiser, 1, 0, 86_400_000, 10)
+        .expect("adjustments");
+    assert_eq!(
+        (none.rows, none.totals),
+        (vec![], AdjustmentTotals::default())
+    );
     assert_eq!(s.ads().expect("ads"), vec![]);
     assert_eq!(s.ad(1).expect("ad"), None);
     assert!(!s.advertiser_exists(1).expect("exists"));
@@ -643,6 +652,135 @@ pub(crate) fn late_clicks_and_views_without_rollups_round_trip(b: &dyn Backend) 
     assert_eq!(
         b.query_i64("SELECT users FROM v_ad_hourly_users WHERE ad_id = 9 AND window_start = 0"),
         5
+    );
+}
+
+/// A stored fraud adjustment, as the dataflow's row and as the store reads it back.
+fn adjustment(ad: u64, campaign: u64, advertiser: u64, w: Millis, imp: &str) -> FraudAdjustment {
+    FraudAdjustment {
+        ad_id: ad,
+        campaign_id: campaign,
+        advertiser_id: advertiser,
+        impression_id: imp.into(),
+        click_id: format!("click-{imp}"),
+        window_start_ms: w,
+        event_time_ms: w + 1_500,
+        verdict_time_ms: w + 900_000,
+        clicks: -1,
+        fraud_clicks: 1,
+        spend_micros: -(ad as i64 % 1_000) * 1_000,
+    }
+}
+
+fn adjustment_row(a: &FraudAdjustment) -> (Row, Option<Row>) {
+    (
+        vec![
+            Datum::Id(a.ad_id),
+            Datum::Time(a.window_start_ms),
+            Datum::Text(a.impression_id.clone()),
+        ],
+        Some(vec![
+            Datum::Id(a.campaign_id),
+            Datum::Id(a.advertiser_id),
+            Datum::Text(a.click_id.clone()),
+            Datum::Time(a.event_time_ms),
+            Datum::Time(a.verdict_time_ms),
+            Datum::Int(a.clicks),
+            Datum::Int(a.fraud_clicks),
+            Datum::Int(a.spend_micros),
+        ]),
+    )
+}
+
+/// Fraud adjustments by ad, campaign and advertiser: ordered, limited, range-filtered on
+/// the billed window, with totals over the whole range; deleted rows are gone.
+pub(crate) fn fraud_adjustments_list_and_total_by_scope(b: &dyn Backend) {
+    let s = claimed(b);
+    s.create_advertiser(7, "A", &[1; 32]).expect("adv");
+    s.create_advertiser(8, "B", &[2; 32]).expect("adv");
+    for (ad, advertiser, campaign) in [(u64::MAX, 7, 70), (2, 7, 71), (3, 8, 80)] {
+        let ad = Ad {
+            ad_id: ad,
+            advertiser_id: advertiser,
+            campaign_id: campaign,
+            landing_url: "https://a.example/".into(),
+            cpc_micros: 1,
+        };
+        s.upsert_ad(&ad).expect("ad");
+    }
+    let big = u64::MAX;
+    let [a1, a2, a3, a4, b1] = [
+        adjustment(big, 70, 7, 60_000, "0a"),
+        adjustment(big, 70, 7, 60_000, "01"),
+        adjustment(2, 71, 7, 120_000, "ff"),
+        adjustment(big, 70, 7, 180_000, "03"),
+        adjustment(3, 80, 8, 60_000, "02"),
+    ];
+    let view = view_index("fraud_adjustments");
+    let mut c = batch(1_000, vec![]);
+    c.views[view] = [&a1, &a2, &a3, &a4, &b1]
+        .into_iter()
+        .map(adjustment_row)
+        .collect();
+    s.commit(&c).expect("commit");
+
+    let list = |scope, id, from, to, limit| {
+        s.fraud_adjustments(scope, id, from, to, limit)
+            .expect("adjustments")
+    };
+    let ad = list(MetricScope::Ad, big, 0, 240_000, 10);
+    assert_eq!(
+        ad.rows,
+        vec![a2.clone(), a1.clone(), a4.clone()],
+        "every field round-trips; ordered by window, then impression"
+    );
+    let spend = |v: &[&FraudAdjustment]| v.iter().map(|a| a.spend_micros).sum::<i64>();
+    assert_eq!(
+        ad.totals,
+        AdjustmentTotals {
+            adjustments: 3,
+            clicks: -3,
+            fraud_clicks: 3,
+            spend_micros: spend(&[&a1, &a2, &a4]),
+        }
+    );
+    let limited = list(MetricScope::Ad, big, 0, 240_000, 2);
+    assert_eq!(limited.rows, vec![a2.clone(), a1.clone()]);
+    assert_eq!(limited.totals, ad.totals, "totals cover what the limit cut");
+    assert_eq!(
+        list(MetricScope::Ad, big, 120_000, 240_000, 10).rows,
+        vec![a4.clone()],
+        "from inclusive"
+    );
+    assert_eq!(
+        list(MetricScope::Ad, big, 0, 180_000, 10).rows,
+        vec![a2.clone(), a1.clone()],
+        "to exclusive"
+    );
+    let advertiser = list(MetricScope::Advertiser, 7, 0, 240_000, 10);
+    assert_eq!(
+        advertiser.rows,
+        vec![a2.clone(), a1.clone(), a3.clone(), a4.clone()],
+        "only the advertiser's ads, by window, ad, impression"
+    );
+    assert_eq!(advertiser.totals.adjustments, 4);
+    assert_eq!(
+        list(MetricScope::Campaign, 71, 0, 240_000, 10).rows,
+        vec![a3.clone()]
+    );
+    assert_eq!(
+        list(MetricScope::Advertiser, 8, 0, 240_000, 10).rows,
+        vec![b1.clone()]
+    );
+
+    let mut c = batch(2_000, vec![]);
+    c.views[view] = [(adjustment_row(&a1).0, None)].into_iter().collect();
+    s.commit(&c).expect("commit");
+    let after = list(MetricScope::Advertiser, 7, 0, 240_000, 10);
+    assert_eq!(after.rows, vec![a2.clone(), a3.clone(), a4.clone()]);
+    assert_eq!(
+        (after.totals.adjustments, after.totals.spend_micros),
+        (3, spend(&[&a2, &a3, &a4]))
     );
 }
 

@@ -177,6 +177,56 @@ pub struct LateClick {
     pub record_time_ms: Millis,
 }
 
+/// One billing adjustment as stored (`fraud_adjustments`): a click billed in a window
+/// that froze before the first verdict naming its impression arrived.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FraudAdjustment {
+    /// The ad.
+    pub ad_id: u64,
+    /// Its campaign (while the row is open, it follows the ad's campaign).
+    pub campaign_id: u64,
+    /// Its advertiser.
+    pub advertiser_id: u64,
+    /// The impression, 32 hex characters.
+    pub impression_id: String,
+    /// The billed click.
+    pub click_id: String,
+    /// Start of the minute the click was billed in.
+    pub window_start_ms: Millis,
+    /// The click's event time.
+    pub event_time_ms: Millis,
+    /// Record time of the impression's first verdict.
+    pub verdict_time_ms: Millis,
+    /// Change to billable clicks (-1).
+    pub clicks: i64,
+    /// Change to fraud clicks (+1).
+    pub fraud_clicks: i64,
+    /// Change to spend (minus the click's price).
+    pub spend_micros: i64,
+}
+
+/// Sums over fraud adjustments.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdjustmentTotals {
+    /// How many.
+    pub adjustments: i64,
+    /// Change to billable clicks.
+    pub clicks: i64,
+    /// Change to fraud clicks.
+    pub fraud_clicks: i64,
+    /// Change to spend.
+    pub spend_micros: i64,
+}
+
+/// The fraud adjustments of a range: the first ones up to a limit, totals over all.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Adjustments {
+    /// By billed window, then ad, then impression.
+    pub rows: Vec<FraudAdjustment>,
+    /// Over every adjustment in the range, listed or not.
+    pub totals: AdjustmentTotals,
+}
+
 /// The store behind the sink and the query API.
 pub trait Store: Send + Sync + 'static {
     /// Reads the committed frontier and positions; checks the store was written with
@@ -258,6 +308,17 @@ pub trait Store: Send + Sync + 'static {
         to: Millis,
         limit: usize,
     ) -> Result<Vec<LateClick>, StoreError>;
+
+    /// Fraud adjustments of one ad, campaign or advertiser whose billed windows start in
+    /// `[from, to)`: at most `limit` of them, and the totals of all.
+    fn fraud_adjustments(
+        &self,
+        scope: MetricScope,
+        id: u64,
+        from: Millis,
+        to: Millis,
+        limit: usize,
+    ) -> Result<Adjustments, StoreError>;
 }
 
 /// Splits `[from, to)` into the fewest windows of the given granularities, coarsest inner.

@@ -34,13 +34,14 @@ use postgres::{Client, Config, NoTls, Statement, Transaction};
 
 use super::common::{
     AD_COLUMNS, LAST_PROGRESS, RollupDeltas, check_ad_rules, check_tick, column_defs,
-    columns_differ, decode_positions, encode_positions, insert_campaign_sql, insert_progress_sql,
-    late_clicks_sql, minute_series_sql, minute_totals_sql, progress_at_sql, prune_progress_sql,
-    rollup_deltas, rollup_series_sql, rollup_totals_sql, upsert_action, upsert_ad_sql,
+    columns_differ, decode_positions, encode_positions, fraud_adjustment_totals_sql,
+    fraud_adjustments_sql, insert_campaign_sql, insert_progress_sql, late_clicks_sql,
+    minute_series_sql, minute_totals_sql, progress_at_sql, prune_progress_sql, rollup_deltas,
+    rollup_series_sql, rollup_totals_sql, upsert_action, upsert_ad_sql,
 };
 use super::{
-    Ad, ChangeBatch, LateClick, Measures, MetricScope, RecoveryPoint, Store, StoreError, Upserted,
-    ViewChanges, WriterClaim, decompose,
+    Ad, AdjustmentTotals, Adjustments, ChangeBatch, FraudAdjustment, LateClick, Measures,
+    MetricScope, RecoveryPoint, Store, StoreError, Upserted, ViewChanges, WriterClaim, decompose,
 };
 use crate::time::{Granularity, Millis, Time, now_ms, rfc3339};
 use crate::views::{Column, ColumnType, Datum, Row, ViewDef};
@@ -1236,6 +1237,73 @@ impl Store for PostgresStore {
             .collect::<Result<_, postgres::Error>>()
             .map_err(&read)
     }
+
+    fn fraud_adjustments(
+        &self,
+        scope: MetricScope,
+        id: u64,
+        from: Millis,
+        to: Millis,
+        limit: usize,
+    ) -> Result<Adjustments, StoreError> {
+        let read = db("read fraud adjustments");
+        let (id, from, to) = (id as i64, from as i64, to as i64);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut c = self.conn()?;
+        // One snapshot, so the totals are those of the rows listed.
+        let mut tx = c
+            .build_transaction()
+            .isolation_level(postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .map_err(&read)?;
+        let rows = tx
+            .query(
+                &fraud_adjustments_sql(scope, param),
+                &[&id, &from, &to, &limit],
+            )
+            .map_err(&read)?
+            .iter()
+            .map(adjustment_from_row)
+            .collect::<Result<Vec<_>, postgres::Error>>()
+            .map_err(&read)?;
+        let totals = tx
+            .query_one(
+                &fraud_adjustment_totals_sql(scope, param),
+                &[&id, &from, &to],
+            )
+            .and_then(|t| totals_from_row(&t))
+            .map_err(&read)?;
+        tx.commit().map_err(&read)?;
+        Ok(Adjustments { rows, totals })
+    }
+}
+
+/// [`AdjustmentTotals`] from a row of count, clicks, fraud clicks, spend.
+fn totals_from_row(t: &postgres::Row) -> Result<AdjustmentTotals, postgres::Error> {
+    Ok(AdjustmentTotals {
+        adjustments: t.try_get(0)?,
+        clicks: t.try_get(1)?,
+        fraud_clicks: t.try_get(2)?,
+        spend_micros: t.try_get(3)?,
+    })
+}
+
+/// A [`FraudAdjustment`] from a row of [`super::common::ADJUSTMENT_COLUMNS`].
+fn adjustment_from_row(r: &postgres::Row) -> Result<FraudAdjustment, postgres::Error> {
+    Ok(FraudAdjustment {
+        ad_id: r.try_get::<_, i64>(0)? as u64,
+        campaign_id: r.try_get::<_, i64>(1)? as u64,
+        advertiser_id: r.try_get::<_, i64>(2)? as u64,
+        impression_id: r.try_get(3)?,
+        click_id: r.try_get(4)?,
+        window_start_ms: r.try_get::<_, i64>(5)? as Millis,
+        event_time_ms: r.try_get::<_, i64>(6)? as Millis,
+        verdict_time_ms: r.try_get::<_, i64>(7)? as Millis,
+        clicks: r.try_get(8)?,
+        fraud_clicks: r.try_get(9)?,
+        spend_micros: r.try_get(10)?,
+    })
 }
 
 /// The catalog rules, read in one round trip.

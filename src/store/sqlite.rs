@@ -14,13 +14,14 @@ use rusqlite::{
 
 use super::common::{
     AD_COLUMNS, LAST_PROGRESS, RollupDeltas, check_ad_rules, check_tick, column_defs,
-    columns_differ, decode_positions, encode_positions, insert_campaign_sql, insert_progress_sql,
-    late_clicks_sql, minute_series_sql, minute_totals_sql, progress_at_sql, prune_progress_sql,
-    rollup_deltas, rollup_series_sql, rollup_totals_sql, upsert_action, upsert_ad_sql,
+    columns_differ, decode_positions, encode_positions, fraud_adjustment_totals_sql,
+    fraud_adjustments_sql, insert_campaign_sql, insert_progress_sql, late_clicks_sql,
+    minute_series_sql, minute_totals_sql, progress_at_sql, prune_progress_sql, rollup_deltas,
+    rollup_series_sql, rollup_totals_sql, upsert_action, upsert_ad_sql,
 };
 use super::{
-    Ad, ChangeBatch, LateClick, Measures, MetricScope, RecoveryPoint, Store, StoreError, Upserted,
-    ViewChanges, WriterClaim, decompose,
+    Ad, AdjustmentTotals, Adjustments, ChangeBatch, FraudAdjustment, LateClick, Measures,
+    MetricScope, RecoveryPoint, Store, StoreError, Upserted, ViewChanges, WriterClaim, decompose,
 };
 use crate::time::{Granularity, Millis, Time, now_ms};
 use crate::views::{ColumnType, Datum, Row, ViewDef};
@@ -740,6 +741,64 @@ impl Store for SqliteStore {
         .and_then(|rows| rows.collect())
         .map_err(unavailable("read late clicks"))
     }
+
+    fn fraud_adjustments(
+        &self,
+        scope: MetricScope,
+        id: u64,
+        from: Millis,
+        to: Millis,
+        limit: usize,
+    ) -> Result<Adjustments, StoreError> {
+        let mut conn = self.reader()?;
+        let read = unavailable("read fraud adjustments");
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let range = (id as i64, from as i64, to as i64);
+        // One snapshot, so the totals are those of the rows listed.
+        let tx = conn.transaction().map_err(&read)?;
+        let rows = tx
+            .prepare_cached(&fraud_adjustments_sql(scope, param))
+            .and_then(|mut stmt| {
+                stmt.query_map(
+                    params![range.0, range.1, range.2, limit],
+                    adjustment_from_row,
+                )?
+                .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(&read)?;
+        let totals = tx
+            .prepare_cached(&fraud_adjustment_totals_sql(scope, param))
+            .and_then(|mut stmt| {
+                stmt.query_row(params![range.0, range.1, range.2], |r| {
+                    Ok(AdjustmentTotals {
+                        adjustments: r.get(0)?,
+                        clicks: r.get(1)?,
+                        fraud_clicks: r.get(2)?,
+                        spend_micros: r.get(3)?,
+                    })
+                })
+            })
+            .map_err(&read)?;
+        tx.finish().map_err(&read)?;
+        Ok(Adjustments { rows, totals })
+    }
+}
+
+/// A [`FraudAdjustment`] from a row of [`super::common::ADJUSTMENT_COLUMNS`].
+fn adjustment_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FraudAdjustment> {
+    Ok(FraudAdjustment {
+        ad_id: r.get::<_, i64>(0)? as u64,
+        campaign_id: r.get::<_, i64>(1)? as u64,
+        advertiser_id: r.get::<_, i64>(2)? as u64,
+        impression_id: r.get(3)?,
+        click_id: r.get(4)?,
+        window_start_ms: r.get::<_, i64>(5)? as Millis,
+        event_time_ms: r.get::<_, i64>(6)? as Millis,
+        verdict_time_ms: r.get::<_, i64>(7)? as Millis,
+        clicks: r.get(8)?,
+        fraud_clicks: r.get(9)?,
+        spend_micros: r.get(10)?,
+    })
 }
 
 fn ad_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Ad> {
