@@ -75,6 +75,34 @@ pub struct Config {
     pub store: StoreConfig,
     /// Which views run.
     pub views: ViewsConfig,
+    /// The timely cluster of `clickagg worker` processes.
+    pub cluster: ClusterConfig,
+}
+
+/// The processes of a `clickagg worker` timely cluster; empty `processes` = one process.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `host:port` of every worker process, in process order; process `i` listens on
+    /// entry `i` and connects to the others. Empty: a single process.
+    pub processes: Vec<String>,
+    /// Which entry of `processes` this process is (`clickagg worker --process I`);
+    /// never read from a file, since every machine shares one.
+    #[serde(skip)]
+    pub process: usize,
+    /// A worker process that hears nothing from a peer process for this long exits.
+    #[serde(deserialize_with = "duration")]
+    pub peer_timeout: Duration,
+    /// How long a starting process waits for all its peers to connect before it exits.
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+}
+
+impl ClusterConfig {
+    /// How many worker processes form the cluster.
+    pub fn process_count(&self) -> usize {
+        self.processes.len().max(1)
+    }
 }
 
 /// Which of the registered views (`dataflows/`) run.
@@ -341,6 +369,13 @@ const ENV_OVERRIDES: &[EnvOverride] = &[
         },
     },
     EnvOverride {
+        var: "CLICKAGG_CLUSTER_PROCESS",
+        apply: |c, v| {
+            c.cluster.process = parse(v)?;
+            Ok(())
+        },
+    },
+    EnvOverride {
         var: "CLICKAGG_KAFKA_BROKERS",
         apply: |c, v| {
             c.log.kafka_brokers = v.to_owned();
@@ -552,6 +587,56 @@ impl Config {
         if self.store.read_pool_size == 0 {
             return invalid("store.read_pool_size", "must be at least 1".into());
         }
+        self.validate_cluster()
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        let c = &self.cluster;
+        if c.processes.len() > 256 {
+            return invalid("cluster.processes", "at most 256 processes".into());
+        }
+        for (i, p) in c.processes.iter().enumerate() {
+            let port = p
+                .rsplit_once(':')
+                .map(|(host, port)| (host, port.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(port))) if !host.is_empty() && port != 0) {
+                return invalid(
+                    "cluster.processes",
+                    format!("entry {i} ({p:?}) is not host:port with a fixed port"),
+                );
+            }
+            if c.processes[..i].contains(p) {
+                return invalid("cluster.processes", format!("{p:?} is listed twice"));
+            }
+        }
+        if c.process >= c.process_count() {
+            return invalid(
+                "cluster.process",
+                format!(
+                    "process {} does not exist: cluster.processes lists {} (counting from 0)",
+                    c.process,
+                    c.process_count()
+                ),
+            );
+        }
+        if c.peer_timeout < Duration::from_secs(1) {
+            return invalid("cluster.peer_timeout", "must be at least 1s".into());
+        }
+        if c.connect_timeout < Duration::from_secs(1) {
+            return invalid("cluster.connect_timeout", "must be at least 1s".into());
+        }
+        if c.processes.len() > 1
+            && (self.log.kind != LogKind::Kafka || self.store.kind != StoreKind::Postgres)
+        {
+            return invalid(
+                "cluster.processes",
+                "a cluster of several worker processes needs log.kind = \"kafka\" and \
+                 store.kind = \"postgres\" (every process reads the same log; one writes \
+                 the shared store)"
+                    .into(),
+            );
+        }
         Ok(())
     }
 
@@ -666,6 +751,42 @@ mod tests {
             "{:?}",
             c.min_horizon()
         );
+    }
+
+    #[test]
+    fn a_worker_cluster_is_checked_at_start() {
+        let prod = "[log]\nkind = \"kafka\"\n[store]\nkind = \"postgres\"\n";
+        let two = "[cluster]\nprocesses = [\"10.0.0.1:2101\", \"10.0.0.2:2101\"]\n";
+        let c = load(
+            &format!("{prod}{two}"),
+            &[("CLICKAGG_CLUSTER_PROCESS", "1")],
+        )
+        .expect("a valid cluster");
+        assert_eq!((c.cluster.process, c.cluster.process_count()), (1, 2));
+
+        let err = load(
+            &format!("{prod}{two}"),
+            &[("CLICKAGG_CLUSTER_PROCESS", "2")],
+        )
+        .expect_err("no third process");
+        assert!(err.to_string().contains("cluster.process"), "{err}");
+        let err = load(two, &[]).expect_err("a cluster needs kafka and postgres");
+        assert!(err.to_string().contains("kafka"), "{err}");
+        for bad in [
+            "[\"nohost\"]",
+            "[\"a:0\"]",
+            "[\"a:1\", \"a:1\"]",
+            "[\":5\"]",
+        ] {
+            let err = load(&format!("{prod}[cluster]\nprocesses = {bad}\n"), &[]).expect_err(bad);
+            assert!(
+                err.to_string().contains("cluster.processes"),
+                "{bad}: {err}"
+            );
+        }
+        let err = load(&format!("{prod}[cluster]\npeer_timeout = \"10ms\"\n"), &[])
+            .expect_err("too short");
+        assert!(err.to_string().contains("cluster.peer_timeout"), "{err}");
     }
 
     #[test]

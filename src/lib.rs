@@ -6,6 +6,7 @@
 //! answers advertisers from the store.
 
 pub mod backends;
+pub mod cluster;
 pub mod config;
 pub mod dataflow;
 #[path = "../dataflows/mod.rs"]

@@ -67,8 +67,9 @@ enum Command {
     },
     /// Production: the click paths and fraud verdicts, appended to Kafka.
     Ingest(ProductionArgs),
-    /// Production: the dataflow over Kafka and its sink into Postgres.
-    Worker(ProductionArgs),
+    /// Production: the dataflow over Kafka and its sink into Postgres (one process of the
+    /// worker cluster that `[cluster] processes` describes).
+    Worker(WorkerArgs),
     /// Production: catalog, impressions and advertiser metrics from Postgres.
     Query(ProductionArgs),
     /// Production: create or upgrade the Postgres schema and the Kafka topics.
@@ -80,6 +81,17 @@ struct ProductionArgs {
     /// The TOML config file (see config/production.toml).
     #[arg(long, short)]
     config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// The TOML config file (see config/production.toml and config/cluster.toml).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Which entry of `[cluster] processes` this process is (default 0, or
+    /// CLICKAGG_CLUSTER_PROCESS).
+    #[arg(long)]
+    process: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -270,7 +282,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             result
         }
         Command::Worker(a) => {
-            let config = production_config(a.config.as_deref(), "worker")?;
+            let mut config = Config::load(a.config.as_deref())?;
+            if let Some(process) = a.process {
+                config.cluster.process = process;
+                config.validate()?;
+            }
+            clickagg::backends::require_production(&config, "worker")?;
+            let config = Arc::new(config);
             let log = clickagg::backends::open_log(&config).await?;
             let store = clickagg::backends::open_store(&config).await?;
             // Also here, so the frontier moves (and the tail commits) with no ingest running.

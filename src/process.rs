@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use parking_lot::RwLock;
 
+use crate::cluster::ClusterSpec;
 use crate::config::Config;
 use crate::dataflow::classify::Rules;
 use crate::dataflow::sink::SinkStatus;
@@ -17,7 +18,7 @@ use crate::log::Log;
 use crate::metrics::Metrics;
 use crate::secrets::Secrets;
 use crate::server::{AppState, Role, router};
-use crate::store::{RecoveryPoint, Store};
+use crate::store::Store;
 use crate::token::TokenSigner;
 
 /// The file a process writes its bound HTTP address to (useful with port 0).
@@ -26,9 +27,16 @@ pub fn addr_path(config: &Config) -> std::path::PathBuf {
 }
 
 /// The dataflow's parameters from the config.
-pub fn engine_spec(config: &Config, recovery: RecoveryPoint) -> EngineSpec {
+pub fn engine_spec(config: &Config) -> EngineSpec {
+    let c = &config.cluster;
     EngineSpec {
-        workers: config.workers,
+        cluster: ClusterSpec {
+            processes: c.processes.clone(),
+            process: c.process,
+            workers: config.workers,
+            peer_timeout: c.peer_timeout,
+            connect_timeout: c.connect_timeout,
+        },
         tick: config.tick(),
         horizon_ms: config.horizon_ms(),
         ttl_ms: config.time.impression_ttl.as_millis() as u64,
@@ -37,44 +45,25 @@ pub fn engine_spec(config: &Config, recovery: RecoveryPoint) -> EngineSpec {
             max_clicks_per_ip_per_second: config.fraud.max_clicks_per_ip_per_second,
         },
         finality: config.finality(),
-        recovery,
         idle_commit_interval: Duration::from_secs(1),
         views: config.views(),
     }
 }
 
-/// Reads the store's recovery point and starts the dataflow and its sink from it, off
-/// the async executor (the store's calls block).
+/// Starts the dataflow and its sink from the store's recovery point, off the async
+/// executor (the store's calls block, and a cluster waits for its peers). From here on a
+/// panicking dataflow thread ends the process (see [`crate::cluster`]).
 pub async fn start_engine(
     config: Arc<Config>,
     log: Arc<dyn Log>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Engine> {
-    tokio::task::spawn_blocking(move || start_engine_blocking(&config, log, store, metrics)).await?
-}
-
-fn start_engine_blocking(
-    config: &Config,
-    log: Arc<dyn Log>,
-    store: Arc<dyn Store>,
-    metrics: Arc<Metrics>,
-) -> anyhow::Result<Engine> {
-    let recovery = store
-        .recovery_point(config.tick().ms(), config.horizon_ms())
-        .context("reading the committed progress")?;
-    tracing::info!(
-        committed_frontier = recovery.as_of,
-        replay_from = ?recovery.replay_from,
-        horizon_ms = config.horizon_ms(),
-        "recovery point"
-    );
-    Ok(Engine::start(
-        log,
-        store,
-        engine_spec(config, recovery),
-        metrics,
-    )?)
+    crate::cluster::exit_on_dataflow_panic();
+    let spec = engine_spec(&config);
+    tokio::task::spawn_blocking(move || Engine::start(log, store, spec, metrics))
+        .await?
+        .context("starting the dataflow")
 }
 
 /// The state the HTTP handlers share, with the catalog loaded from the store.

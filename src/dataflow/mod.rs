@@ -17,6 +17,7 @@ use timely::communication::WorkerGuards;
 use self::classify::{Rules, classify, latest_ads};
 use self::sink::{Handoff, SinkRecord, SinkSpec, SinkStatus, click_sink, spawn_writer};
 use self::source::{SourceEvent, SourceSpec, log_source};
+use crate::cluster::{ClusterSpec, Heartbeat, Liveness, Watchdog, agree_on_recovery};
 use crate::log::{ADS_PARTITION, Log, LogPosition, all_partitions};
 use crate::metrics::Metrics;
 use crate::record::{PartitionId, Topic};
@@ -81,8 +82,8 @@ fn position_records<'s>(
 /// How to run the dataflow.
 #[derive(Clone, Debug)]
 pub struct EngineSpec {
-    /// Worker threads.
-    pub workers: usize,
+    /// The processes of the worker cluster and the worker threads in each.
+    pub cluster: ClusterSpec,
     /// The tick.
     pub tick: Tick,
     /// The horizon in ms (a whole number of ticks).
@@ -93,8 +94,6 @@ pub struct EngineSpec {
     pub rules: Rules,
     /// When windows become final.
     pub finality: Finality,
-    /// Where to resume.
-    pub recovery: RecoveryPoint,
     /// Commits without row changes at most this often.
     pub idle_commit_interval: Duration,
     /// The views to build; the store must have been opened with the same list.
@@ -107,7 +106,8 @@ pub struct Engine {
     shutdown: Arc<AtomicBool>,
     handoff: Arc<Handoff>,
     writer: Option<JoinHandle<()>>,
-    /// What the sink has committed.
+    heartbeat: Option<Arc<Heartbeat>>,
+    /// What the sink has committed (in process 0) or seen (in the others).
     pub status: Arc<SinkStatus>,
 }
 
@@ -162,7 +162,9 @@ pub fn start_positions(log: &dyn Log, recovery: &RecoveryPoint) -> Vec<(Partitio
 }
 
 impl Engine {
-    /// Starts the workers and the sink writer.
+    /// Starts the workers and, in the committing process, claims the store, reads its
+    /// recovery point and starts the sink writer. Blocks until every peer process of a
+    /// cluster has connected.
     pub fn start(
         log: Arc<dyn Log>,
         store: Arc<dyn Store>,
@@ -170,57 +172,83 @@ impl Engine {
         metrics: Arc<Metrics>,
     ) -> Result<Engine, EngineError> {
         let views = spec.views;
-        let claim = store
-            .claim_writer()
-            .map_err(|e| EngineError(format!("cannot become the store's writer: {e}")))?;
-        tracing::info!(
-            generation = claim.generation,
-            "claimed the store as its one writer"
-        );
         let shutdown = Arc::new(AtomicBool::new(false));
         let handoff = Arc::new(Handoff::default());
-        let status = Arc::new(SinkStatus::new(spec.recovery.as_of));
-        let writer = spawn_writer(
-            store,
-            Arc::clone(&handoff),
-            Arc::clone(&status),
-            Arc::clone(&metrics),
-        )
-        .map_err(|e| EngineError(format!("sink writer thread: {e}")))?;
-
-        let starts = start_positions(&*log, &spec.recovery);
-        let catalog_committed = spec
-            .recovery
-            .committed
-            .get(&ADS_PARTITION)
-            .map_or(0, |p| p.offset);
-        tracing::info!(
-            as_of = spec.recovery.as_of,
-            partitions = starts.len(),
-            replay_from = ?spec.recovery.replay_from,
-            workers = spec.workers,
-            "starting dataflow"
-        );
-        let sink_spec = SinkSpec {
-            handoff: Arc::clone(&handoff),
-            as_of: spec.recovery.as_of,
-            positions: spec.recovery.committed.clone(),
-            finality: spec.finality,
-            views,
-            idle_commit_interval: spec.idle_commit_interval,
+        let (status, writer, recovery) = if spec.cluster.is_committer() {
+            // Claim first: a stale writer is fenced before we read what it committed.
+            let claim = store
+                .claim_writer()
+                .map_err(|e| EngineError(format!("cannot become the store's writer: {e}")))?;
+            tracing::info!(
+                generation = claim.generation,
+                "claimed the store as its one writer"
+            );
+            let recovery = store
+                .recovery_point(spec.tick.ms(), spec.horizon_ms)
+                .map_err(|e| EngineError(format!("reading the committed progress: {e}")))?;
+            tracing::info!(
+                committed_frontier = recovery.as_of,
+                replay_from = ?recovery.replay_from,
+                horizon_ms = spec.horizon_ms,
+                "recovery point"
+            );
+            let status = Arc::new(SinkStatus::new(recovery.as_of));
+            let writer = spawn_writer(
+                store,
+                Arc::clone(&handoff),
+                Arc::clone(&status),
+                Arc::clone(&metrics),
+            )
+            .map_err(|e| EngineError(format!("sink writer thread: {e}")))?;
+            (status, Some(writer), Some(recovery))
+        } else {
+            (Arc::new(SinkStatus::follower()), None, None)
         };
-        let stop = Arc::clone(&shutdown);
+
+        let heartbeat = Watchdog::start(&spec.cluster)
+            .map_err(|e| EngineError(format!("watchdog thread: {e}")))?;
+        if spec.cluster.is_distributed() {
+            tracing::info!(
+                process = spec.cluster.process,
+                processes = ?spec.cluster.processes,
+                workers_per_process = spec.cluster.workers,
+                "connecting to the other worker processes"
+            );
+        }
         let config = timely::Config {
-            communication: timely::CommunicationConfig::Process(spec.workers),
+            communication: spec.cluster.communication(),
             worker: worker_config(),
         };
+        let stop = Arc::clone(&shutdown);
+        let (sink_handoff, sink_status, running) =
+            (Arc::clone(&handoff), Arc::clone(&status), heartbeat.clone());
         let guards = timely::execute(config, move |worker| {
+            let mut liveness = running
+                .as_ref()
+                .map(|h| Liveness::build(worker, Arc::clone(h)));
+            if let Some(h) = &running {
+                h.running();
+            }
+            let mine = (worker.index() == 0).then(|| recovery.clone()).flatten();
+            let Some(recovery) = agree_on_recovery(worker, mine, liveness.as_mut()) else {
+                tracing::error!("worker 0 sent no recovery point; stopping this worker");
+                return;
+            };
+            sink_status.set_recovery_target(recovery.as_of);
             let (index, peers) = (worker.index(), worker.peers());
-            let mine: Vec<(PartitionId, LogPosition)> = starts
-                .iter()
+            if index == 0 {
+                tracing::info!(
+                    as_of = recovery.as_of,
+                    replay_from = ?recovery.replay_from,
+                    peers,
+                    "starting dataflow"
+                );
+            }
+            let mine: Vec<(PartitionId, LogPosition)> = start_positions(&*log, &recovery)
+                .into_iter()
                 .enumerate()
                 .filter(|(i, _)| i % peers == index)
-                .map(|(_, p)| *p)
+                .map(|(_, p)| p)
                 .collect();
             let source_spec = SourceSpec {
                 log: Arc::clone(&log),
@@ -228,11 +256,22 @@ impl Engine {
                 tick: spec.tick,
                 horizon_ms: spec.horizon_ms,
                 ttl_ms: spec.ttl_ms,
-                catalog_committed,
+                catalog_committed: recovery
+                    .committed
+                    .get(&ADS_PARTITION)
+                    .map_or(0, |p| p.offset),
                 shutdown: Arc::clone(&stop),
                 metrics: Arc::clone(&metrics),
             };
-            let sink_spec = sink_spec.clone();
+            let sink_spec = SinkSpec {
+                handoff: Arc::clone(&sink_handoff),
+                as_of: recovery.as_of,
+                positions: recovery.committed.clone(),
+                finality: spec.finality,
+                views,
+                idle_commit_interval: spec.idle_commit_interval,
+                status: Arc::clone(&sink_status),
+            };
             let (rules, finality) = (spec.rules, spec.finality);
             arrangements::report_sizes(worker, &metrics);
             worker.dataflow::<Time, _, _>(move |scope| {
@@ -243,6 +282,9 @@ impl Engine {
             });
             while !stop.load(Ordering::Acquire) {
                 worker.step_or_park(Some(Duration::from_millis(100)));
+                if let Some(l) = liveness.as_mut() {
+                    l.tick();
+                }
             }
         })
         .map_err(EngineError)?;
@@ -250,7 +292,8 @@ impl Engine {
             guards: Some(guards),
             shutdown,
             handoff,
-            writer: Some(writer),
+            writer,
+            heartbeat,
             status,
         })
     }
@@ -261,6 +304,9 @@ impl Engine {
     }
 
     fn stop(&mut self) {
+        if let Some(h) = &self.heartbeat {
+            h.stopping();
+        }
         self.shutdown.store(true, Ordering::Release);
         if let Some(guards) = self.guards.take() {
             for r in guards.join() {

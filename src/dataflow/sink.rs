@@ -95,6 +95,10 @@ impl Handoff {
 #[derive(Debug, Default)]
 pub struct SinkStatus {
     committed: AtomicU64,
+    /// The highest input frontier this process's sink operators have seen.
+    observed: AtomicU64,
+    /// Not the committing process: recovery is over once `observed` passes the target.
+    follower: AtomicBool,
     any_commit: AtomicBool,
     recovery_target: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -110,6 +114,31 @@ impl SinkStatus {
         status
     }
 
+    /// The status of a process that does not commit (a worker cluster's process > 0);
+    /// recovery is over once the dataflow passes the target set by
+    /// [`SinkStatus::set_recovery_target`].
+    pub fn follower() -> SinkStatus {
+        let status = SinkStatus::default();
+        status.follower.store(true, Ordering::Release);
+        status.recovery_target.store(Time::MAX, Ordering::Release);
+        status
+    }
+
+    /// The frontier that recovery must pass, once known.
+    pub fn set_recovery_target(&self, as_of: Time) {
+        self.recovery_target.store(as_of, Ordering::Release);
+    }
+
+    /// Records the sink's input frontier.
+    pub fn observe(&self, frontier: Time) {
+        self.observed.fetch_max(frontier, Ordering::AcqRel);
+    }
+
+    /// The highest input frontier the sink has seen in this process.
+    pub fn observed(&self) -> Time {
+        self.observed.load(Ordering::Acquire)
+    }
+
     /// The committed frontier as of the last successful commit (or the recovered one).
     pub fn committed(&self) -> Time {
         self.committed.load(Ordering::Acquire)
@@ -117,6 +146,9 @@ impl SinkStatus {
 
     /// Whether the sink has committed beyond the recovered frontier: recovery is over.
     pub fn recovered(&self) -> bool {
+        if self.follower.load(Ordering::Acquire) {
+            return self.observed() > self.recovery_target.load(Ordering::Acquire);
+        }
         self.any_commit.load(Ordering::Acquire)
             && self.committed.load(Ordering::Acquire) > self.recovery_target.load(Ordering::Acquire)
     }
@@ -157,6 +189,8 @@ pub struct SinkSpec {
     pub views: &'static [ViewDef],
     /// Batches without row changes are committed at most this often.
     pub idle_commit_interval: Duration,
+    /// Where the sink reports the frontier it sees.
+    pub status: Arc<SinkStatus>,
 }
 
 /// Installs the sink on worker 0 for `records`.
@@ -168,12 +202,14 @@ pub fn click_sink(records: VecCollection<'_, Time, SinkRecord>, spec: SinkSpec) 
         finality,
         views,
         idle_commit_interval,
+        status,
     } = spec;
     // Every worker builds the same dataflow, so every worker has a `ClickSink`; the
     // exchange routes all rows to worker 0, and only that one may hand batches to the
     // writer. Another worker's instance sees the same frontier but none of the rows: were
     // it to commit, its empty batch would claim an `upper` whose changes it never saw, and
     // the store would then skip worker 0's real batch for that `upper` as already stored.
+    // Worker indexes are global across a cluster's processes: only process 0 has worker 0.
     let committer = records.inner.scope().index() == 0;
     let mut pending: Vec<(SinkRecord, Time, isize)> = Vec::new();
     let mut last_upper = as_of;
@@ -183,6 +219,9 @@ pub fn click_sink(records: VecCollection<'_, Time, SinkRecord>, spec: SinkSpec) 
         .inner
         .sink(to_worker_zero, "ClickSink", move |(input, frontier)| {
             input.for_each(|_, data| pending.append(data));
+            if let Some(&f) = frontier.frontier().as_option() {
+                status.observe(f);
+            }
             if !committer {
                 pending.clear();
                 return;

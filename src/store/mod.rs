@@ -58,7 +58,7 @@ impl ChangeBatch {
 }
 
 /// Where a restarted pipeline resumes.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecoveryPoint {
     /// The committed frontier F: the sink stays silent until the dataflow reaches it.
     pub as_of: Time,
