@@ -75,6 +75,10 @@ pub struct Config {
     pub store: StoreConfig,
     /// Which views run.
     pub views: ViewsConfig,
+    /// The raw click archive (Parquet) and its archiver.
+    pub archive: crate::archive::ArchiveConfig,
+    /// How long archived raw records and stored aggregates are kept (`clickagg compact`).
+    pub retention: crate::archive::RetentionConfig,
     /// The timely cluster of `clickagg worker` processes.
     pub cluster: ClusterConfig,
 }
@@ -587,6 +591,8 @@ impl Config {
         if self.store.read_pool_size == 0 {
             return invalid("store.read_pool_size", "must be at least 1".into());
         }
+        crate::archive::validate_config(&self.archive, &self.retention)
+            .map_err(|(key, message)| ConfigError::Invalid { key, message })?;
         self.validate_cluster()
     }
 

@@ -5,8 +5,10 @@
 //! view changes with log positions into the [`store`] in one transaction; the [`server`]
 //! answers advertisers from the store.
 
+pub mod archive;
 pub mod backends;
 pub mod cluster;
+pub mod compact;
 pub mod config;
 pub mod dataflow;
 #[path = "../dataflows/mod.rs"]
@@ -16,6 +18,7 @@ pub mod log;
 pub mod metrics;
 pub mod process;
 pub mod production;
+pub mod reconcile;
 pub mod record;
 pub mod secrets;
 pub mod serve;
@@ -23,4 +26,5 @@ pub mod server;
 pub mod store;
 pub mod time;
 pub mod token;
+pub mod tools;
 pub mod views;

@@ -74,7 +74,57 @@ enum Command {
     Query(ProductionArgs),
     /// Production: create or upgrade the Postgres schema and the Kafka topics.
     Migrate(ProductionArgs),
+    /// Archive raw clicks and verdicts from the log as Parquet (see docs/archive.md).
+    Archive {
+        /// The TOML config file (the log and `[archive]` it names).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Stop once the log's end (as of the start) is archived.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Re-aggregate the archive and compare it with the store per (ad, minute).
+    Reconcile {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// First minute (RFC 3339 or epoch ms); default one day before --to.
+        #[arg(long)]
+        from: Option<String>,
+        /// End, exclusive (RFC 3339 or epoch ms); default now.
+        #[arg(long)]
+        to: Option<String>,
+        /// Write corrections into the store (one transaction) and record them.
+        #[arg(long)]
+        fix: bool,
+        /// Where the discrepancy table (CSV) goes.
+        #[arg(long, default_value = "reconcile-discrepancies.csv")]
+        table: PathBuf,
+        /// How long to wait for the archive to catch up with the store.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "2m")]
+        wait: Duration,
+    },
+    /// Drop archive partitions and store rows past their retention (`[retention]`).
+    Compact {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Only report what would go.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
+
+/// Epoch ms of an RFC 3339 time or an integer.
+fn parse_time(s: &str) -> anyhow::Result<u64> {
+    s.parse::<u64>()
+        .ok()
+        .or_else(|| clickagg::time::parse_rfc3339(s))
+        .with_context(|| format!("{s:?} is neither RFC 3339 nor epoch milliseconds"))
+}
+
+/// Exit status of `reconcile` when it found differences it did not fix.
+const EXIT_DIFFERENCES: u8 = 2;
 
 #[derive(Args)]
 struct ProductionArgs {
@@ -307,8 +357,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = production_config(a.config.as_deref(), "migrate")?;
             clickagg::backends::migrate(&config).await
         }
+        Command::Archive { config, once } => {
+            let config = Config::load(config.as_deref())?;
+            clickagg::tools::archive(&config, once).await
+        }
+        Command::Reconcile {
+            config,
+            from,
+            to,
+            fix,
+            table,
+            wait,
+        } => {
+            let config = Config::load(config.as_deref())?;
+            let to = match to {
+                Some(t) => parse_time(&t)?,
+                None => clickagg::time::now_ms(),
+            };
+            let from = match from {
+                Some(f) => parse_time(&f)?,
+                None => to.saturating_sub(86_400_000),
+            };
+            let summary = clickagg::tools::reconcile(&config, from, to, fix, table, wait).await?;
+            if !summary.differing.is_empty() && summary.fixed == 0 {
+                return Err(Differences(summary.differing.len()).into());
+            }
+            Ok(())
+        }
+        Command::Compact { config, dry_run } => {
+            let config = Config::load(config.as_deref())?;
+            clickagg::tools::compact(&config, clickagg::time::now_ms(), dry_run).await
+        }
     }
 }
+
+/// `reconcile` found differences (and did not fix them): a distinct exit status.
+#[derive(Debug, thiserror::Error)]
+#[error("reconcile found {0} differing windows")]
+struct Differences(usize);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -325,6 +411,10 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Differences>() => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_DIFFERENCES)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

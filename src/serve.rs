@@ -59,6 +59,7 @@ pub async fn run(
         )
         .context("opening the SQLite store")?,
     );
+    crate::tools::spawn_serve_archiver(&config, Arc::clone(&log))?;
     let engine = start_engine(
         Arc::clone(&config),
         Arc::clone(&log),

@@ -155,6 +155,45 @@ impl EmbeddedLog {
     }
 }
 
+impl EmbeddedLog {
+    /// Opens an existing log for reading only, without a writer thread: for tools such as
+    /// `clickagg archive` that read the log of a running `serve` from another process
+    /// (SQLite's WAL lets them). Appends fail; readers poll without commit notifications.
+    pub fn open_read_only(dir: &Path) -> Result<EmbeddedLog, LogError> {
+        let path = dir.join("log.db");
+        if !path.exists() {
+            return Err(LogError::Unavailable(format!(
+                "no log at {}",
+                path.display()
+            )));
+        }
+        let conn = open_conn(&path, true)?;
+        let mut partitions = [0u32, 0, 1];
+        for topic in [Topic::Clicks, Topic::FraudVerdicts] {
+            let key = format!("partitions_{}", topic.name());
+            let n: i64 = conn
+                .query_row("SELECT value FROM log_meta WHERE key = ?1", [&key], |r| {
+                    r.get(0)
+                })
+                .map_err(|e| unavailable("read log metadata", e))?;
+            partitions[topic.code() as usize] = u32::try_from(n).unwrap_or(0);
+        }
+        // No receiver: every append answers "log writer has stopped".
+        let (jobs, _) = crossbeam_channel::bounded(1);
+        Ok(EmbeddedLog {
+            path,
+            partitions,
+            jobs,
+            commits: Arc::new(Commits {
+                seq: Mutex::new(0),
+                changed: Condvar::new(),
+                writer_alive: AtomicBool::new(false),
+            }),
+            append_timeout: Duration::from_secs(1),
+        })
+    }
+}
+
 impl Log for EmbeddedLog {
     fn partitions(&self, topic: Topic) -> u32 {
         self.partitions[topic.code() as usize]

@@ -43,6 +43,7 @@ macro_rules! conformance_tests {
                 catalog_rules_hold,
                 late_clicks_and_views_without_rollups_round_trip,
                 fraud_adjustments_list_and_total_by_scope,
+                reconcile_corrections_are_atomic_and_fix_the_rollups,
                 a_view_table_that_differs_from_its_declaration_is_refused
             );
         }
@@ -802,4 +803,94 @@ pub(crate) fn a_view_table_that_differs_from_its_declaration_is_refused(b: &dyn 
         Err(e) => panic!("wrong error: {e}"),
         Ok(_) => panic!("opened a store whose view table differs from its view"),
     }
+}
+
+/// `reconcile --fix`: corrections are compare-and-set in one transaction, rollups follow
+/// the corrected rows, adjustments are recorded; a stale expectation changes nothing;
+/// retention drops rows and rollups before its cutoff.
+pub(crate) fn reconcile_corrections_are_atomic_and_fix_the_rollups(b: &dyn Backend) {
+    use super::WindowCorrection;
+    let s = claimed(b);
+    let (k1, v1) = minute_row(1, 60_000, 70, 3, 300);
+    let (k2, v2) = minute_row(2, 120_000, 70, 2, 200);
+    s.commit(&batch(1_000, vec![(k1, Some(v1)), (k2, Some(v2))]))
+        .expect("commit");
+    let (frontier, rows) = s.ad_click_windows(0, 600_000).expect("windows");
+    assert_eq!(frontier, Some(1_000));
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (rows[0].ad_id, rows[0].measures.clicks, rows[0].campaign_id),
+        (1, 3, 70)
+    );
+
+    let m = |clicks, spend| Measures {
+        clicks,
+        spend_micros: spend,
+        ..Default::default()
+    };
+    let fix = |ad, w, expected, corrected| WindowCorrection {
+        ad_id: ad,
+        window_start: w,
+        campaign_id: 70,
+        advertiser_id: 7,
+        expected,
+        corrected,
+    };
+    // A stale expectation: nothing at all changes (the good correction is rolled back too).
+    let stale = [
+        fix(1, 60_000, Some(m(3, 300)), m(4, 400)),
+        fix(2, 120_000, Some(m(9, 900)), m(1, 100)),
+    ];
+    assert!(matches!(
+        s.apply_corrections("r0", 5, &stale),
+        Err(StoreError::Conflict(_))
+    ));
+    let (_, unchanged) = s.ad_click_windows(0, 600_000).expect("windows");
+    assert_eq!(unchanged, rows);
+
+    // Update one, delete one, insert one.
+    let good = [
+        fix(1, 60_000, Some(m(3, 300)), m(4, 400)),
+        fix(2, 120_000, Some(m(2, 200)), Measures::default()),
+        fix(3, 180_000, None, m(1, 50)),
+    ];
+    s.apply_corrections("r1", 5, &good).expect("fix");
+    let (_, fixed) = s.ad_click_windows(0, 600_000).expect("windows");
+    let got: Vec<(u64, i64)> = fixed.iter().map(|r| (r.ad_id, r.measures.clicks)).collect();
+    assert_eq!(got, vec![(1, 4), (3, 1)]);
+    let campaign = s
+        .click_series(MetricScope::Campaign, 70, Granularity::Hour, 0, 3_600_000)
+        .expect("series");
+    assert_eq!(
+        campaign[0].1,
+        m(5, 450),
+        "rollups are recomputed from the rows"
+    );
+    let ad2 = s
+        .click_series(MetricScope::Ad, 2, Granularity::FiveMinutes, 0, 600_000)
+        .expect("series");
+    assert!(
+        ad2.iter().all(|(_, x)| *x == Measures::default()),
+        "{ad2:?}"
+    );
+    assert_eq!(b.query_i64("SELECT count(*) FROM reconcile_adjustments"), 3);
+    assert_eq!(
+        b.query_i64(
+            "SELECT CAST(sum(clicks) AS BIGINT) FROM reconcile_adjustments WHERE run_id = 'r1'"
+        ),
+        1 - 2 + 1
+    );
+
+    // Retention: everything before the cutoff goes, rows and rollups.
+    let dropped = s.drop_windows_before(86_400_000).expect("retention");
+    assert!(dropped >= 2, "{dropped}");
+    let (_, none) = s.ad_click_windows(0, 86_400_000).expect("windows");
+    assert!(none.is_empty());
+    let campaign = s
+        .click_series(MetricScope::Campaign, 70, Granularity::Day, 0, 86_400_000)
+        .expect("series");
+    assert!(
+        campaign.iter().all(|(_, x)| *x == Measures::default()),
+        "{campaign:?}"
+    );
 }

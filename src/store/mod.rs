@@ -7,6 +7,7 @@
 mod common;
 #[cfg(test)]
 pub(crate) mod conformance;
+mod corrections;
 pub mod postgres;
 pub mod sqlite;
 
@@ -227,6 +228,39 @@ pub struct Adjustments {
     pub totals: AdjustmentTotals,
 }
 
+/// One `ad_clicks` row (an ad's minute), as `clickagg reconcile` compares it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdWindow {
+    /// The ad.
+    pub ad_id: u64,
+    /// Start of the minute.
+    pub window_start: Millis,
+    /// The ad's campaign, as stored with the row.
+    pub campaign_id: u64,
+    /// The ad's advertiser, as stored with the row.
+    pub advertiser_id: u64,
+    /// The row's measures.
+    pub measures: Measures,
+}
+
+/// A correction of one ad's minute by `clickagg reconcile --fix`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowCorrection {
+    /// The ad.
+    pub ad_id: u64,
+    /// Start of the minute.
+    pub window_start: Millis,
+    /// The ad's campaign (for the rollups and a new row).
+    pub campaign_id: u64,
+    /// The ad's advertiser (for the rollups and a new row).
+    pub advertiser_id: u64,
+    /// What the store held when reconciled (`None`: no row); the correction applies only
+    /// if the row still holds exactly this, so a concurrent sink commit is never undone.
+    pub expected: Option<Measures>,
+    /// The re-aggregated measures (all zero: the row goes).
+    pub corrected: Measures,
+}
+
 /// The store behind the sink and the query API.
 pub trait Store: Send + Sync + 'static {
     /// Reads the committed frontier and positions; checks the store was written with
@@ -319,6 +353,29 @@ pub trait Store: Send + Sync + 'static {
         to: Millis,
         limit: usize,
     ) -> Result<Adjustments, StoreError>;
+
+    /// The committed frontier and every `ad_clicks` row with a minute in `[from, to)`,
+    /// read in one snapshot, so the rows are exactly those of that frontier.
+    fn ad_click_windows(
+        &self,
+        from: Millis,
+        to: Millis,
+    ) -> Result<(Option<Time>, Vec<AdWindow>), StoreError>;
+
+    /// Applies `clickagg reconcile --fix` corrections in ONE transaction: sets each row,
+    /// recomputes the rollup windows it falls in from the rows, and records each change in
+    /// `reconcile_adjustments` under `run_id`. Fails with [`StoreError::Conflict`] (and
+    /// changes nothing) when a row no longer holds its `expected` value.
+    fn apply_corrections(
+        &self,
+        run_id: &str,
+        applied_at_ms: Millis,
+        corrections: &[WindowCorrection],
+    ) -> Result<(), StoreError>;
+
+    /// Retention: deletes every view row, rollup row and reconcile adjustment whose window
+    /// starts before `cutoff` (a day boundary); returns how many rows went.
+    fn drop_windows_before(&self, cutoff: Millis) -> Result<u64, StoreError>;
 }
 
 /// Splits `[from, to)` into the fewest windows of the given granularities, coarsest inner.

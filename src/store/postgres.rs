@@ -39,10 +39,12 @@ use super::common::{
     minute_series_sql, minute_totals_sql, progress_at_sql, prune_progress_sql, rollup_deltas,
     rollup_series_sql, rollup_totals_sql, upsert_action, upsert_ad_sql,
 };
+use super::corrections;
 use super::{
     Ad, AdjustmentTotals, Adjustments, ChangeBatch, FraudAdjustment, LateClick, Measures,
     MetricScope, RecoveryPoint, Store, StoreError, Upserted, ViewChanges, WriterClaim, decompose,
 };
+use super::{AdWindow, WindowCorrection};
 use crate::time::{Granularity, Millis, Time, now_ms, rfc3339};
 use crate::views::{Column, ColumnType, Datum, Row, ViewDef};
 
@@ -1276,6 +1278,175 @@ impl Store for PostgresStore {
             .map_err(&read)?;
         tx.commit().map_err(&read)?;
         Ok(Adjustments { rows, totals })
+    }
+
+    fn ad_click_windows(
+        &self,
+        from: Millis,
+        to: Millis,
+    ) -> Result<(Option<Time>, Vec<AdWindow>), StoreError> {
+        let Some(view) = corrections::ad_clicks(self.views) else {
+            return Err(StoreError::Inconsistent(
+                "the store has no ad_clicks view".into(),
+            ));
+        };
+        let read = db("read ad_clicks windows");
+        let mut c = self.conn()?;
+        // One snapshot, so the rows are exactly those of the frontier read with them.
+        let mut tx = c
+            .build_transaction()
+            .isolation_level(postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .map_err(&read)?;
+        let frontier: Option<i64> = tx
+            .query_one("SELECT max(upper) FROM progress", &[])
+            .and_then(|r| r.try_get(0))
+            .map_err(&read)?;
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT ad_id, window_start, campaign_id, advertiser_id, clicks, fraud_clicks, \
+                     late_clicks, spend_micros FROM {} WHERE window_start >= $1 AND window_start < $2 \
+                     ORDER BY ad_id, window_start",
+                    view.table()
+                ),
+                &[&(from as i64), &(to as i64)],
+            )
+            .map_err(&read)?
+            .iter()
+            .map(|r| {
+                Ok(AdWindow {
+                    ad_id: r.try_get::<_, i64>(0)? as u64,
+                    window_start: r.try_get::<_, i64>(1)? as u64,
+                    campaign_id: r.try_get::<_, i64>(2)? as u64,
+                    advertiser_id: r.try_get::<_, i64>(3)? as u64,
+                    measures: Measures {
+                        clicks: r.try_get(4)?,
+                        fraud_clicks: r.try_get(5)?,
+                        late_clicks: r.try_get(6)?,
+                        spend_micros: r.try_get(7)?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>, postgres::Error>>()
+            .map_err(&read)?;
+        tx.commit().map_err(&read)?;
+        Ok((frontier.map(|f| f as Time), rows))
+    }
+
+    fn apply_corrections(
+        &self,
+        run_id: &str,
+        applied_at_ms: Millis,
+        fixes: &[WindowCorrection],
+    ) -> Result<(), StoreError> {
+        let Some(view) = corrections::ad_clicks(self.views) else {
+            return Err(StoreError::Inconsistent(
+                "the store has no ad_clicks view".into(),
+            ));
+        };
+        let sql = corrections::correction_sql(view, param);
+        let write = db("apply corrections");
+        let mut c = self.conn()?;
+        c.batch_execute(&sql.create).map_err(&write)?;
+        let mut tx = c.transaction().map_err(&write)?;
+        for fix in fixes {
+            let m = |x: &Measures| [x.clicks, x.fraud_clicks, x.late_clicks, x.spend_micros];
+            let (ad, w) = (fix.ad_id as i64, fix.window_start as i64);
+            let (campaign, advertiser) = (fix.campaign_id as i64, fix.advertiser_id as i64);
+            let new = m(&fix.corrected);
+            let changed = match fix.expected {
+                Some(old) => {
+                    let old = m(&old);
+                    if fix.corrected == Measures::default() {
+                        tx.execute(&sql.delete, &[&ad, &w, &old[0], &old[1], &old[2], &old[3]])
+                    } else {
+                        tx.execute(
+                            &sql.update,
+                            &[
+                                &new[0], &new[1], &new[2], &new[3], &ad, &w, &old[0], &old[1],
+                                &old[2], &old[3],
+                            ],
+                        )
+                    }
+                }
+                None => tx.execute(
+                    &sql.insert,
+                    &[
+                        &ad,
+                        &w,
+                        &campaign,
+                        &advertiser,
+                        &new[0],
+                        &new[1],
+                        &new[2],
+                        &new[3],
+                    ],
+                ),
+            }
+            .map_err(&write)?;
+            if changed != 1 {
+                // Dropping the transaction rolls every correction back.
+                return Err(StoreError::Conflict(format!(
+                    "ad {} window {} changed since it was reconciled; nothing was corrected, run reconcile again",
+                    fix.ad_id, fix.window_start
+                )));
+            }
+            let before = fix.expected.map(|x| m(&x)).unwrap_or_default();
+            let deltas = [
+                new[0] - before[0],
+                new[1] - before[1],
+                new[2] - before[2],
+                new[3] - before[3],
+            ];
+            tx.execute(
+                &sql.record,
+                &[
+                    &run_id,
+                    &ad,
+                    &w,
+                    &campaign,
+                    &advertiser,
+                    &deltas[0],
+                    &deltas[1],
+                    &deltas[2],
+                    &deltas[3],
+                    &(applied_at_ms as i64),
+                ],
+            )
+            .map_err(&write)?;
+        }
+        for (i, scope, id, g, start) in corrections::rollup_windows(fixes) {
+            tx.execute(
+                &sql.rollup[i],
+                &[
+                    &scope,
+                    &(id as i64),
+                    &g.as_str(),
+                    &(start as i64),
+                    &((start + g.ms()) as i64),
+                ],
+            )
+            .map_err(&write)?;
+        }
+        tx.commit().map_err(&write)
+    }
+
+    fn drop_windows_before(&self, cutoff: Millis) -> Result<u64, StoreError> {
+        let write = db("drop old windows");
+        let mut c = self.conn()?;
+        if let Some(view) = corrections::ad_clicks(self.views) {
+            c.batch_execute(&corrections::correction_sql(view, param).create)
+                .map_err(&write)?;
+        }
+        let mut tx = c.transaction().map_err(&write)?;
+        let mut dropped = 0u64;
+        for stmt in corrections::retention_sql(self.views, param) {
+            dropped += tx.execute(&stmt, &[&(cutoff as i64)]).map_err(&write)?;
+        }
+        tx.commit().map_err(&write)?;
+        Ok(dropped)
     }
 }
 

@@ -19,10 +19,12 @@ use super::common::{
     minute_series_sql, minute_totals_sql, progress_at_sql, prune_progress_sql, rollup_deltas,
     rollup_series_sql, rollup_totals_sql, upsert_action, upsert_ad_sql,
 };
+use super::corrections;
 use super::{
     Ad, AdjustmentTotals, Adjustments, ChangeBatch, FraudAdjustment, LateClick, Measures,
     MetricScope, RecoveryPoint, Store, StoreError, Upserted, ViewChanges, WriterClaim, decompose,
 };
+use super::{AdWindow, WindowCorrection};
 use crate::time::{Granularity, Millis, Time, now_ms};
 use crate::views::{ColumnType, Datum, Row, ViewDef};
 
@@ -781,6 +783,163 @@ impl Store for SqliteStore {
             .map_err(&read)?;
         tx.finish().map_err(&read)?;
         Ok(Adjustments { rows, totals })
+    }
+
+    fn ad_click_windows(
+        &self,
+        from: Millis,
+        to: Millis,
+    ) -> Result<(Option<Time>, Vec<AdWindow>), StoreError> {
+        let Some(view) = corrections::ad_clicks(self.views) else {
+            return Err(StoreError::Inconsistent(
+                "the store has no ad_clicks view".into(),
+            ));
+        };
+        let read = unavailable("read ad_clicks windows");
+        let mut conn = self.reader()?;
+        // One read transaction: SQLite's WAL snapshot makes the rows those of the frontier.
+        let tx = conn.transaction().map_err(&read)?;
+        let frontier: Option<i64> = tx
+            .query_row("SELECT max(upper) FROM progress", [], |r| r.get(0))
+            .map_err(&read)?;
+        let rows = tx
+            .prepare(&format!(
+                "SELECT ad_id, window_start, campaign_id, advertiser_id, clicks, fraud_clicks, \
+                 late_clicks, spend_micros FROM {} WHERE window_start >= ?1 AND window_start < ?2 \
+                 ORDER BY ad_id, window_start",
+                view.table()
+            ))
+            .and_then(|mut stmt| {
+                stmt.query_map(params![from as i64, to as i64], |r| {
+                    Ok(AdWindow {
+                        ad_id: r.get::<_, i64>(0)? as u64,
+                        window_start: r.get::<_, i64>(1)? as u64,
+                        campaign_id: r.get::<_, i64>(2)? as u64,
+                        advertiser_id: r.get::<_, i64>(3)? as u64,
+                        measures: Measures {
+                            clicks: r.get(4)?,
+                            fraud_clicks: r.get(5)?,
+                            late_clicks: r.get(6)?,
+                            spend_micros: r.get(7)?,
+                        },
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(&read)?;
+        tx.finish().map_err(&read)?;
+        Ok((frontier.map(|f| f as Time), rows))
+    }
+
+    fn apply_corrections(
+        &self,
+        run_id: &str,
+        applied_at_ms: Millis,
+        fixes: &[WindowCorrection],
+    ) -> Result<(), StoreError> {
+        let Some(view) = corrections::ad_clicks(self.views) else {
+            return Err(StoreError::Inconsistent(
+                "the store has no ad_clicks view".into(),
+            ));
+        };
+        let sql = corrections::correction_sql(view, param);
+        let write = unavailable("apply corrections");
+        let mut conn = self.writer.lock();
+        conn.execute_batch(&sql.create).map_err(&write)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&write)?;
+        for c in fixes {
+            let m = |x: &Measures| [x.clicks, x.fraud_clicks, x.late_clicks, x.spend_micros];
+            let (ad, w) = (c.ad_id as i64, c.window_start as i64);
+            let new = m(&c.corrected);
+            let changed = match c.expected {
+                Some(old) => {
+                    let old = m(&old);
+                    if c.corrected == Measures::default() {
+                        tx.execute(&sql.delete, params![ad, w, old[0], old[1], old[2], old[3]])
+                    } else {
+                        tx.execute(
+                            &sql.update,
+                            params![
+                                new[0], new[1], new[2], new[3], ad, w, old[0], old[1], old[2],
+                                old[3]
+                            ],
+                        )
+                    }
+                }
+                None => tx.execute(
+                    &sql.insert,
+                    params![
+                        ad,
+                        w,
+                        c.campaign_id as i64,
+                        c.advertiser_id as i64,
+                        new[0],
+                        new[1],
+                        new[2],
+                        new[3]
+                    ],
+                ),
+            }
+            .map_err(&write)?;
+            if changed != 1 {
+                // Dropping the transaction rolls every correction back.
+                return Err(StoreError::Conflict(format!(
+                    "ad {} window {} changed since it was reconciled; nothing was corrected, run reconcile again",
+                    c.ad_id, c.window_start
+                )));
+            }
+            let before = c.expected.map(|x| m(&x)).unwrap_or_default();
+            tx.execute(
+                &sql.record,
+                params![
+                    run_id,
+                    ad,
+                    w,
+                    c.campaign_id as i64,
+                    c.advertiser_id as i64,
+                    new[0] - before[0],
+                    new[1] - before[1],
+                    new[2] - before[2],
+                    new[3] - before[3],
+                    applied_at_ms as i64
+                ],
+            )
+            .map_err(&write)?;
+        }
+        for (i, scope, id, g, start) in corrections::rollup_windows(fixes) {
+            tx.execute(
+                &sql.rollup[i],
+                params![
+                    scope,
+                    id as i64,
+                    g.as_str(),
+                    start as i64,
+                    (start + g.ms()) as i64
+                ],
+            )
+            .map_err(&write)?;
+        }
+        tx.commit().map_err(&write)
+    }
+
+    fn drop_windows_before(&self, cutoff: Millis) -> Result<u64, StoreError> {
+        let write = unavailable("drop old windows");
+        let mut conn = self.writer.lock();
+        if let Some(view) = corrections::ad_clicks(self.views) {
+            conn.execute_batch(&corrections::correction_sql(view, param).create)
+                .map_err(&write)?;
+        }
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&write)?;
+        let mut dropped = 0u64;
+        for stmt in corrections::retention_sql(self.views, param) {
+            dropped += tx.execute(&stmt, params![cutoff as i64]).map_err(&write)? as u64;
+        }
+        tx.commit().map_err(&write)?;
+        Ok(dropped)
     }
 }
 
