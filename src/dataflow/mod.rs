@@ -286,6 +286,11 @@ impl Engine {
                     l.tick();
                 }
             }
+            // Dropped, not completed: timely would otherwise step the dataflows until
+            // their frontiers are empty, which passes through pending expiry times.
+            for dataflow in worker.installed_dataflows() {
+                worker.drop_dataflow(dataflow);
+            }
         })
         .map_err(EngineError)?;
         Ok(Engine {

@@ -57,7 +57,7 @@ pub struct SourceSpec {
     /// The catalog offset committed with the store's frontier: the catalog holds the
     /// frontier back until it has been read this far (see `PartitionState`).
     pub catalog_committed: u64,
-    /// Set to make the source drop its capability and the reader stop.
+    /// Set to make the source stop emitting and the reader stop.
     pub shutdown: Arc<AtomicBool>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
@@ -68,119 +68,139 @@ pub fn log_source<'s>(
     scope: Scope<'s, Time>,
     spec: SourceSpec,
 ) -> VecCollection<'s, Time, SourceEvent> {
-    source::<_, CapacityContainerBuilder<Vec<(SourceEvent, Time, isize)>>, _, _>(scope, "LogSource", |cap, info| {
-        let activator = scope.worker().sync_activator_for(info.address.to_vec());
-        let (tx, rx) = crossbeam_channel::bounded::<Vec<PartitionBatch>>(16);
-        let mut parts: BTreeMap<PartitionId, PartitionState> = spec
-            .partitions
-            .iter()
-            .map(|(p, pos)| (*p, PartitionState::new(*pos, spec.tick)))
-            .collect();
-        let mut cap = if spec.partitions.is_empty() { None } else { Some(cap) };
+    source::<_, CapacityContainerBuilder<Vec<(SourceEvent, Time, isize)>>, _, _>(
+        scope,
+        "LogSource",
+        |cap, info| {
+            let activator = scope.worker().sync_activator_for(info.address.to_vec());
+            let (tx, rx) = crossbeam_channel::bounded::<Vec<PartitionBatch>>(16);
+            let mut parts: BTreeMap<PartitionId, PartitionState> = spec
+                .partitions
+                .iter()
+                .map(|(p, pos)| (*p, PartitionState::new(*pos, spec.tick)))
+                .collect();
+            let mut cap = if spec.partitions.is_empty() {
+                None
+            } else {
+                Some(cap)
+            };
 
-        if cap.is_some() {
-            let reader_spec = spec.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("log-reader-{}", scope.index()))
-                .spawn(move || read_loop(reader_spec, tx, activator));
-            if let Err(e) = spawned {
-                tracing::error!(error = %e, "cannot start log reader thread; this worker reads nothing");
-                cap = None;
-            }
-        }
-
-        let SourceSpec {
-            tick,
-            horizon_ms,
-            ttl_ms,
-            catalog_committed,
-            shutdown,
-            metrics,
-            ..
-        } = spec;
-        move |output| {
-            if shutdown.load(Ordering::Acquire) {
-                cap = None;
-            }
-            let Some(c) = cap.as_mut() else { return };
-            let mut session = output.session(&*c);
-            while let Ok(batches) = rx.try_recv() {
-                for batch in batches {
-                    let catalog = batch.partition.topic == Topic::Ads;
-                    let part = parts
-                        .entry(batch.partition)
-                        .or_insert_with(|| PartitionState::new(LogPosition::default(), tick));
-                    let mut last_time = None;
-                    for record in &batch.records {
-                        // Record times are made monotone per partition, so a time never
-                        // falls below the frontier already announced.
-                        part.floor_ms = part.floor_ms.max(record.record_time_ms);
-                        let mut time = tick.time_of(part.floor_ms);
-                        if catalog {
-                            // The catalog follows the clock (see `PartitionState`): its
-                            // records land no earlier than what this source has announced.
-                            time = time.max(*c.time());
-                        }
-                        last_time = Some(time);
-                        if is_heartbeat(&record.payload) {
-                            continue;
-                        }
-                        let at = RecordAt {
-                            offset: record.offset,
-                            record_time_ms: part.floor_ms,
-                            time,
-                        };
-                        match decode(batch.partition.topic, at, &record.payload, ttl_ms) {
-                            Some(event @ (SourceEvent::Click(_) | SourceEvent::Verdict(_))) => {
-                                session.give((event.clone(), time, 1));
-                                session.give((event, time + horizon_ms, -1));
-                            }
-                            Some(event) => session.give((event, time, 1)),
-                            None => {
-                                metrics.records_undecodable.inc();
-                                tracing::warn!(
-                                    partition = %batch.partition,
-                                    offset = record.offset,
-                                    "skipping a log record that does not decode"
-                                );
-                            }
-                        }
-                    }
-                    part.next_offset = batch.next.offset;
-                    if let Some(time) = last_time {
-                        part.frontier = part.frontier.max(time);
-                        let position = LogPosition {
-                            offset: batch.next.offset,
-                            time_floor_ms: part.floor_ms,
-                        };
-                        session.give((SourceEvent::Position(batch.partition, position), time, 1));
-                    }
-                    if let Some(w) = batch.idle_until_ms {
-                        part.frontier = part.frontier.max(tick.time_of(w));
-                    }
+            if cap.is_some() {
+                let reader_spec = spec.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("log-reader-{}", scope.index()))
+                    .spawn(move || read_loop(reader_spec, tx, activator));
+                if let Err(e) = spawned {
+                    // Without its reader this worker's partitions would look empty and the
+                    // frontier would pass clicks never read: end the process instead.
+                    panic!(
+                        "cannot start the log reader thread of worker {}: {e}",
+                        scope.index()
+                    );
                 }
             }
-            drop(session);
-            let clock = tick.time_of(now_ms());
-            let least = parts
-                .iter()
-                .map(|(p, part)| {
-                    if p.topic == Topic::Ads && part.next_offset >= catalog_committed {
-                        // Past the committed catalog: every further catalog record lands
-                        // at or after the capability, so the catalog holds nothing back.
-                        clock
-                    } else {
-                        part.frontier
+
+            let SourceSpec {
+                tick,
+                horizon_ms,
+                ttl_ms,
+                catalog_committed,
+                shutdown,
+                metrics,
+                ..
+            } = spec;
+            move |output| {
+                // On shutdown keep the capability: the engine drops the dataflow instead of
+                // letting it complete. Released, it would let the frontier run ahead to the
+                // pending expiry retractions (a horizon ahead), and the sink would commit a
+                // frontier beyond every click still to come.
+                if shutdown.load(Ordering::Acquire) {
+                    return;
+                }
+                let Some(c) = cap.as_mut() else { return };
+                let mut session = output.session(&*c);
+                while let Ok(batches) = rx.try_recv() {
+                    for batch in batches {
+                        let catalog = batch.partition.topic == Topic::Ads;
+                        let part = parts
+                            .entry(batch.partition)
+                            .or_insert_with(|| PartitionState::new(LogPosition::default(), tick));
+                        let mut last_time = None;
+                        for record in &batch.records {
+                            // Record times are made monotone per partition, so a time never
+                            // falls below the frontier already announced.
+                            part.floor_ms = part.floor_ms.max(record.record_time_ms);
+                            let mut time = tick.time_of(part.floor_ms);
+                            if catalog {
+                                // The catalog follows the clock (see `PartitionState`): its
+                                // records land no earlier than what this source has announced.
+                                time = time.max(*c.time());
+                            }
+                            last_time = Some(time);
+                            if is_heartbeat(&record.payload) {
+                                continue;
+                            }
+                            let at = RecordAt {
+                                offset: record.offset,
+                                record_time_ms: part.floor_ms,
+                                time,
+                            };
+                            match decode(batch.partition.topic, at, &record.payload, ttl_ms) {
+                                Some(event @ (SourceEvent::Click(_) | SourceEvent::Verdict(_))) => {
+                                    session.give((event.clone(), time, 1));
+                                    session.give((event, time + horizon_ms, -1));
+                                }
+                                Some(event) => session.give((event, time, 1)),
+                                None => {
+                                    metrics.records_undecodable.inc();
+                                    tracing::warn!(
+                                        partition = %batch.partition,
+                                        offset = record.offset,
+                                        "skipping a log record that does not decode"
+                                    );
+                                }
+                            }
+                        }
+                        part.next_offset = batch.next.offset;
+                        if let Some(time) = last_time {
+                            part.frontier = part.frontier.max(time);
+                            let position = LogPosition {
+                                offset: batch.next.offset,
+                                time_floor_ms: part.floor_ms,
+                            };
+                            session.give((
+                                SourceEvent::Position(batch.partition, position),
+                                time,
+                                1,
+                            ));
+                        }
+                        if let Some(w) = batch.idle_until_ms {
+                            part.frontier = part.frontier.max(tick.time_of(w));
+                        }
                     }
-                })
-                .min();
-            if let Some(least) = least
-                && least > *c.time()
-            {
-                c.downgrade(&least);
+                }
+                drop(session);
+                let clock = tick.time_of(now_ms());
+                let least = parts
+                    .iter()
+                    .map(|(p, part)| {
+                        if p.topic == Topic::Ads && part.next_offset >= catalog_committed {
+                            // Past the committed catalog: every further catalog record lands
+                            // at or after the capability, so the catalog holds nothing back.
+                            clock
+                        } else {
+                            part.frontier
+                        }
+                    })
+                    .min();
+                if let Some(least) = least
+                    && least > *c.time()
+                {
+                    c.downgrade(&least);
+                }
             }
-        }
-    })
+        },
+    )
     .as_collection()
 }
 
