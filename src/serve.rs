@@ -32,6 +32,9 @@ pub async fn run(
              `query`"
         );
     }
+    // Named at once: a data directory we cannot create or write (a typo, a read-only
+    // mount) would otherwise surface as an obscure SQLite or secrets-file error.
+    crate::preflight::check_data_dir(&config.data_dir)?;
     let config = Arc::new(config);
     let (secrets, secrets_path) = Secrets::load_or_generate(&config)?;
     let metrics = Arc::new(Metrics::new());
