@@ -47,6 +47,26 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Va
 
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    // Lags are measured at scrape time; only a process with a sink has positions.
+    let ends = if state.sink.is_some() {
+        let log = state.log.clone();
+        match tokio::task::spawn_blocking(move || log.end_offsets()).await {
+            Ok(Ok(ends)) => Some(ends),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "no end offsets for the lag metrics");
+                None
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "end offsets task failed");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    state
+        .metrics
+        .refresh_lags(ends.as_deref(), crate::time::now_ms());
     (
         [(
             header::CONTENT_TYPE,
