@@ -95,7 +95,12 @@ pub async fn run(
     }
 
     let served = serve_api(listener, state, Role::All).await;
+    if served.is_ok() {
+        crate::process::flush_commits(&engine.status, config.tick(), crate::process::FLUSH_LIMIT)
+            .await;
+    }
     tokio::task::spawn_blocking(move || engine.shutdown()).await?;
+    tracing::info!("stopped");
     served
 }
 
