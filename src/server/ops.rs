@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::response::IntoResponse;
 
 use super::error::ApiError;
@@ -76,11 +76,11 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// `GET /openapi.json`: not built yet (issue "Operable and pleasant"); says so clearly.
-pub async fn openapi() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "not_implemented",
-        "the machine-readable contract is not generated yet; ../shared/api.md is the reference",
+/// `GET /openapi.json`: the contract, generated from the handlers' types
+/// ([`super::openapi`]).
+pub async fn openapi() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        super::openapi::document(),
     )
 }
