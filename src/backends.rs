@@ -12,7 +12,8 @@ use crate::config::{Config, LogKind, StoreKind};
 use crate::log::kafka::{KafkaLog, KafkaLogOptions};
 use crate::store::postgres::{PostgresOptions, PostgresStore};
 
-/// How long a starting process waits for Kafka and Postgres before giving up.
+/// How long a starting process waits for Kafka before giving up (Postgres: the
+/// `store.startup_timeout` key).
 const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Refuses a config that is not for the production processes.
@@ -48,9 +49,12 @@ pub fn kafka_options(config: &Config) -> KafkaLogOptions {
     options
 }
 
-/// Runs `open` until it succeeds or [`STARTUP_PATIENCE`] has passed, off the executor.
+/// Runs `open` until it succeeds or `patience` has passed, off the executor. An error
+/// `permanent` calls hopeless (a malformed URL) fails at once: retrying cannot help.
 async fn patiently<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
     what: &'static str,
+    patience: Duration,
+    permanent: fn(&E) -> bool,
     open: impl Fn() -> Result<T, E> + Send + Sync + 'static,
 ) -> anyhow::Result<T> {
     let open = Arc::new(open);
@@ -60,22 +64,42 @@ async fn patiently<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
         let attempt = Arc::clone(&open);
         match tokio::task::spawn_blocking(move || attempt()).await? {
             Ok(v) => return Ok(v),
-            Err(e) if started.elapsed() < STARTUP_PATIENCE => {
+            Err(e) if permanent(&e) => bail!("cannot open {what}: {e}"),
+            Err(e) if started.elapsed() + backoff < patience => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "cannot open {what} yet");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
-            Err(e) => bail!("cannot open {what} after {STARTUP_PATIENCE:?}: {e}"),
+            Err(e) => bail!(
+                "cannot open {what} (gave up after {}): {e}",
+                humantime::format_duration(Duration::from_millis(
+                    started.elapsed().as_millis() as u64
+                ))
+            ),
         }
     }
+}
+
+/// Store errors that no retry fixes: a malformed URL or a schema that contradicts us.
+fn store_error_is_permanent(e: &crate::store::StoreError) -> bool {
+    matches!(e, crate::store::StoreError::Inconsistent(_))
+}
+
+fn never_permanent<E>(_: &E) -> bool {
+    false
 }
 
 /// Opens the Kafka log, creating missing topics and checking partition counts.
 pub async fn open_log(config: &Config) -> anyhow::Result<KafkaLog> {
     let options = kafka_options(config);
-    patiently("the Kafka log", move || KafkaLog::open(options.clone()))
-        .await
-        .with_context(|| format!("Kafka at {}", config.log.kafka_brokers))
+    patiently(
+        "the Kafka log",
+        STARTUP_PATIENCE,
+        never_permanent,
+        move || KafkaLog::open(options.clone()),
+    )
+    .await
+    .with_context(|| format!("Kafka at {}", config.log.kafka_brokers))
 }
 
 /// Opens (and migrates) the Postgres store.
@@ -86,20 +110,32 @@ pub async fn open_store(config: &Config) -> anyhow::Result<PostgresStore> {
         pool_size: config.store.read_pool_size,
         progress_retention_ms: config.horizon_ms(),
     };
-    patiently("the Postgres store", move || {
-        PostgresStore::open(&url, views, options)
-    })
+    patiently(
+        "the Postgres store",
+        config.store.startup_timeout,
+        store_error_is_permanent,
+        move || PostgresStore::open(&url, views, options),
+    )
     .await
-    .context("Postgres (store.postgres_url)")
+    .with_context(|| {
+        format!(
+            "Postgres store unreachable (store.postgres_url {}, store.startup_timeout {})",
+            crate::store::postgres::redacted_url(&config.store.postgres_url),
+            humantime::format_duration(config.store.startup_timeout)
+        )
+    })
 }
 
 /// `clickagg migrate`: the store's schema and view tables, and the Kafka topics.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     let url = config.store.postgres_url.clone();
     let views = config.views();
-    let applied = patiently("the Postgres store", move || {
-        crate::store::postgres::migrate(&url, views)
-    })
+    let applied = patiently(
+        "the Postgres store",
+        config.store.startup_timeout,
+        store_error_is_permanent,
+        move || crate::store::postgres::migrate(&url, views),
+    )
     .await?;
     println!(
         "postgres: {}",

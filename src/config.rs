@@ -244,6 +244,10 @@ pub struct StoreConfig {
     pub postgres_url: String,
     /// Connections the query API keeps open.
     pub read_pool_size: u32,
+    /// How long a starting production process retries an unreachable Postgres before it
+    /// exits with the last error (a restart may race the database coming back).
+    #[serde(deserialize_with = "duration")]
+    pub startup_timeout: Duration,
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -416,6 +420,13 @@ const ENV_OVERRIDES: &[EnvOverride] = &[
         },
     },
     EnvOverride {
+        var: "CLICKAGG_STORE_STARTUP_TIMEOUT",
+        apply: |c, v| {
+            c.store.startup_timeout = parse_duration(v)?;
+            Ok(())
+        },
+    },
+    EnvOverride {
         var: "CLICKAGG_POSTGRES_URL",
         apply: |c, v| {
             c.store.postgres_url = v.to_owned();
@@ -473,12 +484,27 @@ impl Config {
         };
         let mut base: toml::Table = toml::from_str(DEFAULT_TOML).map_err(parse_err)?;
         let file: toml::Table = toml::from_str(text).map_err(parse_err)?;
+        // Named with its full path (`time.tick_ms`) on the first line: serde's message
+        // names only the last segment, against the merged text's line numbers.
+        if let Some(key) = unknown_key(&file, &base, "") {
+            return Err(ConfigError::Parse {
+                origin: origin.to_owned(),
+                message: format!("unknown key {key}"),
+            });
+        }
         merge(&mut base, file);
         let text = toml::to_string(&base).map_err(|e| ConfigError::Parse {
             origin: origin.to_owned(),
             message: e.to_string(),
         })?;
-        toml::from_str(&text).map_err(parse_err)
+        toml::from_str(&text).map_err(|e: toml::de::Error| ConfigError::Parse {
+            origin: origin.to_owned(),
+            // The merged text's line numbers mean nothing to the user: name the key.
+            message: match e.span().and_then(|span| key_at(&text, span.start)) {
+                Some(key) => format!("{key}: {}", e.message().trim()),
+                None => e.to_string().trim().to_owned(),
+            },
+        })
     }
 
     /// Checks ranges and the relations between the time parameters.
@@ -591,6 +617,18 @@ impl Config {
         if self.store.read_pool_size == 0 {
             return invalid("store.read_pool_size", "must be at least 1".into());
         }
+        if self.store.startup_timeout > Duration::from_secs(3600) {
+            return invalid("store.startup_timeout", "must be at most 1h".into());
+        }
+        if self.store.kind == StoreKind::Postgres
+            && let Err(e) = self.store.postgres_url.parse::<postgres::Config>()
+        {
+            // The message never echoes the URL: it may hold a password.
+            return invalid(
+                "store.postgres_url",
+                format!("not a Postgres URL like postgres://user@host:5432/db ({e})"),
+            );
+        }
         crate::archive::validate_config(&self.archive, &self.retention)
             .map_err(|(key, message)| ConfigError::Invalid { key, message })?;
         self.validate_cluster()
@@ -689,6 +727,50 @@ impl Config {
     }
 }
 
+/// The dotted key whose value starts at byte `at` of TOML `text` (as `toml` writes it:
+/// one `[section]` header per table, one `key = value` per line).
+fn key_at(text: &str, at: usize) -> Option<String> {
+    let before = text.get(..at)?;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = &text[line_start..];
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    let section = before[..line_start]
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix('[')?.strip_suffix(']'));
+    Some(match section {
+        Some(section) => format!("{section}.{key}"),
+        None => key.to_owned(),
+    })
+}
+
+/// Tables whose keys are free-form (passed through), not checked against the defaults.
+const FREE_FORM_TABLES: &[&str] = &["log.kafka_properties"];
+
+/// The first key of `file` (as a dotted path) that the defaults do not have.
+fn unknown_key(file: &toml::Table, base: &toml::Table, prefix: &str) -> Option<String> {
+    for (k, v) in file {
+        let path = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match (base.get(k), v) {
+            (None, _) => return Some(path),
+            (Some(toml::Value::Table(b)), toml::Value::Table(o))
+                if !FREE_FORM_TABLES.contains(&path.as_str()) =>
+            {
+                if let Some(found) = unknown_key(o, b, &path) {
+                    return Some(found);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
 fn merge(base: &mut toml::Table, over: toml::Table) {
     for (k, v) in over {
         match (base.get_mut(&k), v) {
@@ -733,7 +815,17 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let err = load("[time]\ntick_ms = 5\n", &[]).expect_err("unknown key");
-        assert!(err.to_string().contains("tick_ms"), "{err}");
+        assert!(
+            err.to_string().contains("unknown key time.tick_ms"),
+            "{err}"
+        );
+        let err = load("[nope]\nx = 1\n", &[]).expect_err("unknown table");
+        assert!(err.to_string().contains("unknown key nope"), "{err}");
+        load(
+            "[log.kafka_properties]\n\"socket.timeout.ms\" = \"100\"\n",
+            &[],
+        )
+        .expect("free-form librdkafka properties");
     }
 
     #[test]
@@ -799,7 +891,12 @@ mod tests {
     fn negative_duration_is_named() {
         let err = load("[time]\nhorizon = \"-5m\"\n", &[]).expect_err("negative");
         let msg = err.to_string();
-        assert!(msg.contains("horizon") && msg.contains("negative"), "{msg}");
+        assert!(
+            msg.lines()
+                .next()
+                .is_some_and(|l| l.contains("time.horizon: \"-5m\" is negative")),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod dataflows;
 pub mod loadgen;
 pub mod log;
 pub mod metrics;
+pub mod preflight;
 pub mod process;
 pub mod production;
 pub mod reconcile;

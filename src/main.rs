@@ -150,6 +150,10 @@ enum ConfigCommand {
     Check {
         /// The file (omit to check the defaults).
         file: Option<PathBuf>,
+        /// Only validate the file; do not check that the store and data directory are
+        /// reachable.
+        #[arg(long)]
+        offline: bool,
     },
 }
 
@@ -305,9 +309,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Config {
-            command: ConfigCommand::Check { file },
+            command: ConfigCommand::Check { file, offline },
         } => {
             let config = Config::load(file.as_deref())?;
+            if !offline {
+                let probed = config.clone();
+                tokio::task::spawn_blocking(move || clickagg::preflight::check_store(&probed))
+                    .await??;
+            }
             println!(
                 "config ok: {}",
                 file.as_deref()
@@ -318,13 +327,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 humantime::format_duration(Duration::from_millis(config.horizon_ms())),
                 humantime::format_duration(config.min_horizon())
             );
+            println!(
+                "  store: {}",
+                if offline {
+                    "not checked (--offline)"
+                } else {
+                    "reachable"
+                }
+            );
             println!("  {config:#?}");
             Ok(())
         }
         Command::Ingest(a) => {
             let config = production_config(a.config.as_deref(), "ingest")?;
-            let log = clickagg::backends::open_log(&config).await?;
+            // The store first: it is named quickly when unreachable (store.startup_timeout).
             let store = clickagg::backends::open_store(&config).await?;
+            let log = clickagg::backends::open_log(&config).await?;
             // Heartbeats keep idle partitions (and so the dashboards) moving.
             let heartbeats = log.spawn_heartbeats(config.time.tick)?;
             let result = clickagg::production::ingest(config, Arc::new(log), Arc::new(store)).await;
@@ -339,8 +357,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             clickagg::backends::require_production(&config, "worker")?;
             let config = Arc::new(config);
-            let log = clickagg::backends::open_log(&config).await?;
+            // The store first: it is named quickly when unreachable (store.startup_timeout).
             let store = clickagg::backends::open_store(&config).await?;
+            let log = clickagg::backends::open_log(&config).await?;
             // Also here, so the frontier moves (and the tail commits) with no ingest running.
             let heartbeats = log.spawn_heartbeats(config.time.tick)?;
             let result = clickagg::production::worker(config, Arc::new(log), Arc::new(store)).await;
@@ -349,8 +368,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Query(a) => {
             let config = production_config(a.config.as_deref(), "query")?;
-            let log = clickagg::backends::open_log(&config).await?;
+            // The store first: it is named quickly when unreachable (store.startup_timeout).
             let store = clickagg::backends::open_store(&config).await?;
+            let log = clickagg::backends::open_log(&config).await?;
             clickagg::production::query(config, Arc::new(log), Arc::new(store)).await
         }
         Command::Migrate(a) => {

@@ -1,11 +1,19 @@
 //! Prometheus metrics, one registry per process, rendered at `GET /metrics`.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+
+use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::dataflow::sink::{CLASSES, Tally};
+use crate::log::LogPosition;
+use crate::record::PartitionId;
 
 /// The `reason` label of a rejection.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -22,6 +30,25 @@ pub struct RouteLabels {
     /// The status code.
     pub status: u16,
 }
+
+/// The `class` label of counted clicks: `billable`, `fraud` or `late`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabel {
+    /// The class.
+    pub class: String,
+}
+
+/// The labels of a log partition.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    /// The topic: `clicks`, `fraud_verdicts` or `ads`.
+    pub topic: String,
+    /// The partition number.
+    pub partition: u32,
+}
+
+/// A gauge of seconds (fractional).
+pub type SecondsGauge = Gauge<f64, AtomicU64>;
 
 /// Every metric of a clickagg process.
 pub struct Metrics {
@@ -59,6 +86,24 @@ pub struct Metrics {
     /// Updates waiting in arrangement batchers for their time to come (mostly the
     /// horizon's expiry retractions), over all workers.
     pub arrangement_batcher_records: Gauge,
+    /// Clicks read from the log and committed through the sink.
+    pub dataflow_clicks: Counter,
+    /// Committed clicks that dedup dropped (another click of the impression counts).
+    pub dedup_dropped: Counter,
+    /// Counted clicks that entered a committed window, by class.
+    pub classified_added: Family<ClassLabel, Counter>,
+    /// Counted clicks that left a committed window (moved or reclassified), by class.
+    pub classified_removed: Family<ClassLabel, Counter>,
+    /// Net counted clicks committed by this process since it started, by class.
+    pub classified: Family<ClassLabel, Gauge>,
+    /// Now minus the committed frontier.
+    pub frontier_lag_seconds: SecondsGauge,
+    /// Records in the log after the committed position, per partition.
+    pub consumer_lag_records: Family<PartitionLabels, Gauge>,
+    /// Now minus the record time at the committed position, while records wait behind it.
+    pub record_time_lag_seconds: Family<PartitionLabels, SecondsGauge>,
+    /// The committed positions, for the lag gauges (filled by the sink writer).
+    committed_positions: Mutex<BTreeMap<PartitionId, LogPosition>>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -86,6 +131,15 @@ impl Metrics {
             committed_frontier_ms: Gauge::default(),
             arrangement_records: Gauge::default(),
             arrangement_batcher_records: Gauge::default(),
+            dataflow_clicks: Counter::default(),
+            dedup_dropped: Counter::default(),
+            classified_added: Family::default(),
+            classified_removed: Family::default(),
+            classified: Family::default(),
+            frontier_lag_seconds: SecondsGauge::default(),
+            consumer_lag_records: Family::default(),
+            record_time_lag_seconds: Family::default(),
+            committed_positions: Mutex::new(BTreeMap::new()),
             registry: Registry::default(),
         };
         registry.register(
@@ -168,7 +222,111 @@ impl Metrics {
             "Updates waiting in arrangement batchers for their time (expiry retractions), all workers",
             m.arrangement_batcher_records.clone(),
         );
+        registry.register(
+            "dataflow_clicks",
+            "Clicks read from the log and committed by the sink (each once, replays excluded)",
+            m.dataflow_clicks.clone(),
+        );
+        registry.register(
+            "dedup_dropped_clicks",
+            "Committed clicks dropped by dedup: another click of the same impression counts",
+            m.dedup_dropped.clone(),
+        );
+        registry.register(
+            "classified_clicks_added",
+            "Counted clicks that entered a committed ad_clicks window, by class",
+            m.classified_added.clone(),
+        );
+        registry.register(
+            "classified_clicks_removed",
+            "Counted clicks that left a committed ad_clicks window (moved or reclassified), by class",
+            m.classified_removed.clone(),
+        );
+        registry.register(
+            "classified_clicks",
+            "Net counted clicks committed by this process since it started (added - removed), by class",
+            m.classified.clone(),
+        );
+        registry.register(
+            "frontier_lag_seconds",
+            "Now minus the committed frontier",
+            m.frontier_lag_seconds.clone(),
+        );
+        registry.register(
+            "consumer_lag_records",
+            "Records in the log after the committed position, per partition",
+            m.consumer_lag_records.clone(),
+        );
+        registry.register(
+            "record_time_lag_seconds",
+            "Now minus the record time at the committed position while records wait, per partition",
+            m.record_time_lag_seconds.clone(),
+        );
+        for (class, _) in CLASSES {
+            let label = ClassLabel {
+                class: class.to_owned(),
+            };
+            // Present from the start, so a dashboard shows 0 rather than nothing.
+            m.classified_added.get_or_create(&label).inc_by(0);
+            m.classified_removed.get_or_create(&label).inc_by(0);
+            m.classified.get_or_create(&label).set(0);
+        }
         Metrics { registry, ..m }
+    }
+
+    /// Records a successful sink commit: its positions and what it changed.
+    pub fn record_commit(&self, positions: &BTreeMap<PartitionId, LogPosition>, tally: &Tally) {
+        self.dataflow_clicks.inc_by(tally.clicks_read);
+        self.dedup_dropped.inc_by(tally.dedup_dropped());
+        for (i, (class, _)) in CLASSES.iter().enumerate() {
+            let label = ClassLabel {
+                class: (*class).to_owned(),
+            };
+            self.classified_added
+                .get_or_create(&label)
+                .inc_by(tally.added[i]);
+            self.classified_removed
+                .get_or_create(&label)
+                .inc_by(tally.removed[i]);
+            self.classified
+                .get_or_create(&label)
+                .inc_by(tally.added[i] as i64 - tally.removed[i] as i64);
+        }
+        self.committed_positions.lock().clone_from(positions);
+    }
+
+    /// Updates the lag gauges from the log's end offsets (or, without them, only the
+    /// frontier lag). Called when `/metrics` is scraped.
+    pub fn refresh_lags(&self, end_offsets: Option<&[(PartitionId, u64)]>, now_ms: u64) {
+        let frontier = self.committed_frontier_ms.get();
+        if frontier > 0 {
+            self.frontier_lag_seconds
+                .set(now_ms.saturating_sub(frontier as u64) as f64 / 1000.0);
+        }
+        let Some(ends) = end_offsets else { return };
+        let committed = self.committed_positions.lock().clone();
+        if committed.is_empty() {
+            // Not the committing process (or nothing committed yet): no positions to
+            // measure from.
+            return;
+        }
+        for (p, end) in ends {
+            let pos = committed.get(p).copied().unwrap_or_default();
+            let labels = PartitionLabels {
+                topic: p.topic.name().to_owned(),
+                partition: p.partition,
+            };
+            let behind = end.saturating_sub(pos.offset);
+            self.consumer_lag_records
+                .get_or_create(&labels)
+                .set(behind as i64);
+            let age = if behind == 0 || pos.time_floor_ms == 0 {
+                0.0
+            } else {
+                now_ms.saturating_sub(pos.time_floor_ms) as f64 / 1000.0
+            };
+            self.record_time_lag_seconds.get_or_create(&labels).set(age);
+        }
     }
 
     /// Counts a rejected click.

@@ -152,6 +152,39 @@ pub async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// After the HTTP server stopped (every acknowledged click is durable in the log), waits
+/// until the sink has committed a frontier past this instant, so the store covers every
+/// acknowledged click and a restart replays nothing new; gives up after `limit` (the
+/// rest is then replayed on the next start, which is safe, only slower).
+pub async fn flush_commits(status: &SinkStatus, tick: crate::time::Tick, limit: Duration) {
+    if !status.commits() {
+        return;
+    }
+    let target = tick.time_of(crate::time::now_ms());
+    let started = std::time::Instant::now();
+    while status.committed() <= target {
+        if status.fenced().is_some() {
+            return;
+        }
+        if started.elapsed() >= limit {
+            tracing::warn!(
+                committed_frontier = status.committed(),
+                target,
+                ?limit,
+                "the sink did not commit every acknowledged click in time; the next start replays them"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::info!(
+        committed_frontier = status.committed(),
+        frontier = %crate::time::rfc3339(status.committed()),
+        took_ms = started.elapsed().as_millis() as u64,
+        "flushed: the committed frontier covers every acknowledged click"
+    );
+}
+
 /// A bound HTTP listener, its address written to `<data_dir>/http.addr`.
 pub async fn bind(config: &Config) -> anyhow::Result<(tokio::net::TcpListener, SocketAddr)> {
     let listener = tokio::net::TcpListener::bind(config.http.addr)
@@ -165,8 +198,17 @@ pub async fn bind(config: &Config) -> anyhow::Result<(tokio::net::TcpListener, S
     Ok((listener, addr))
 }
 
+/// How long open requests may take to finish after SIGTERM before they are cut off.
+/// Click requests are bounded by `http.append_timeout` anyway; this bounds the rest, so
+/// a process stops well within the 10 s an orchestrator usually grants.
+const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
+/// How long a stopping process waits for the sink to commit every acknowledged click.
+pub const FLUSH_LIMIT: Duration = Duration::from_secs(3);
+
 /// Serves `role`'s API until SIGTERM, or until the sink (if any) is fenced, which is an
-/// error: another writer owns the store and this process must stop.
+/// error: another writer owns the store and this process must stop. On SIGTERM the
+/// listener closes at once and open requests get [`DRAIN_LIMIT`] to finish.
 pub async fn serve_api(
     listener: tokio::net::TcpListener,
     state: AppState,
@@ -174,6 +216,7 @@ pub async fn serve_api(
 ) -> anyhow::Result<()> {
     let sink = state.sink.clone();
     let fenced = Arc::new(parking_lot::Mutex::new(None));
+    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
     let stop = {
         let fenced = Arc::clone(&fenced);
         async move {
@@ -184,9 +227,23 @@ pub async fn serve_api(
                 },
                 None => shutdown_signal().await,
             }
+            tracing::info!("stopped accepting connections; finishing open requests");
+            let _ = stopping.send(());
         }
     };
-    crate::server::serve(listener, router(state, role), stop).await?;
+    let server = crate::server::serve(listener, router(state, role), stop);
+    tokio::select! {
+        served = server => served?,
+        _ = async {
+            if stopped.await.is_ok() {
+                tokio::time::sleep(DRAIN_LIMIT).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => {
+            tracing::warn!(limit = ?DRAIN_LIMIT, "requests still open after the drain limit; closing them unanswered");
+        }
+    }
     if let Some(why) = fenced.lock().take() {
         bail!("stopped: the sink was fenced ({why})");
     }

@@ -73,6 +73,10 @@ pub async fn worker(
     let (listener, addr) = bind(&config).await?;
     tracing::info!(%addr, workers = config.workers, "worker: dataflow running; operations endpoints up");
     let served = serve_api(listener, state, Role::Worker).await;
+    if served.is_ok() {
+        crate::process::flush_commits(&engine.status, config.tick(), crate::process::FLUSH_LIMIT)
+            .await;
+    }
     tokio::task::spawn_blocking(move || engine.shutdown()).await?;
     served
 }

@@ -32,6 +32,9 @@ pub async fn run(
              `query`"
         );
     }
+    // Named at once: a data directory we cannot create or write (a typo, a read-only
+    // mount) would otherwise surface as an obscure SQLite or secrets-file error.
+    crate::preflight::check_data_dir(&config.data_dir)?;
     let config = Arc::new(config);
     let (secrets, secrets_path) = Secrets::load_or_generate(&config)?;
     let metrics = Arc::new(Metrics::new());
@@ -92,7 +95,12 @@ pub async fn run(
     }
 
     let served = serve_api(listener, state, Role::All).await;
+    if served.is_ok() {
+        crate::process::flush_commits(&engine.status, config.tick(), crate::process::FLUSH_LIMIT)
+            .await;
+    }
     tokio::task::spawn_blocking(move || engine.shutdown()).await?;
+    tracing::info!("stopped");
     served
 }
 

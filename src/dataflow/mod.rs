@@ -69,12 +69,13 @@ pub fn view_records<'s>(
     differential_dataflow::collection::concatenate(scope, each)
 }
 
-/// The source's position markers, for the sink.
+/// The source's position markers and click counts, for the sink.
 fn position_records<'s>(
     events: VecCollection<'s, Time, SourceEvent>,
 ) -> VecCollection<'s, Time, SinkRecord> {
     events.flat_map(|e| match e {
         SourceEvent::Position(p, pos) => Some(SinkRecord::Position(p, pos)),
+        SourceEvent::ClicksRead(n) => Some(SinkRecord::ClicksRead(n)),
         _ => None,
     })
 }

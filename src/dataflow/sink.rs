@@ -45,22 +45,107 @@ pub enum SinkRecord {
     },
     /// A source position (see `SourceEvent::Position`).
     Position(PartitionId, LogPosition),
+    /// Clicks read from the log (see `SourceEvent::ClicksRead`).
+    ClicksRead(u64),
+}
+
+/// The classes of counted clicks, as the `ad_clicks` view's columns hold them.
+pub const CLASSES: [(&str, &str); 3] = [
+    ("billable", "clicks"),
+    ("fraud", "fraud_clicks"),
+    ("late", "late_clicks"),
+];
+
+/// What a committed batch changed, for the metrics: counted once per commit, and only
+/// for times at or after the recovered frontier, so a replay never counts twice.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Clicks read from the log.
+    pub clicks_read: u64,
+    /// Per class of [`CLASSES`]: clicks that entered and left windows of `ad_clicks`.
+    pub added: [u64; 3],
+    /// See `added`.
+    pub removed: [u64; 3],
+}
+
+impl Tally {
+    /// Adds a later tally (batches fold while the writer is busy).
+    pub fn absorb(&mut self, other: Tally) {
+        self.clicks_read += other.clicks_read;
+        for i in 0..CLASSES.len() {
+            self.added[i] += other.added[i];
+            self.removed[i] += other.removed[i];
+        }
+    }
+
+    /// Clicks read that did not become a counted impression: duplicates dropped by dedup.
+    /// Every new counted impression comes with a click read in the same batch, and a
+    /// counted click only moves between classes or windows otherwise (removals of a
+    /// window that is final are never committed), so this is never negative.
+    pub fn dedup_dropped(&self) -> u64 {
+        let added: u64 = self.added.iter().sum();
+        let removed: u64 = self.removed.iter().sum();
+        (self.clicks_read + removed).saturating_sub(added)
+    }
+}
+
+/// Where the class counts sit in the `ad_clicks` view's values.
+#[derive(Clone, Copy, Debug)]
+struct ClassColumns {
+    view: u16,
+    columns: [usize; 3],
+}
+
+impl ClassColumns {
+    fn of(views: &[ViewDef]) -> Option<ClassColumns> {
+        let view = views.iter().position(|v| v.name == "ad_clicks")?;
+        let def = &views[view];
+        let mut columns = [0; 3];
+        for (i, (_, column)) in CLASSES.iter().enumerate() {
+            columns[i] = def.value.iter().position(|c| c.name == *column)?;
+        }
+        Some(ClassColumns {
+            view: view as u16,
+            columns,
+        })
+    }
+
+    /// Adds one key's updates to the tally: its net change per class.
+    fn count(&self, updates: &[(Row, isize)], tally: &mut Tally) {
+        for (i, &column) in self.columns.iter().enumerate() {
+            let net: i64 = updates
+                .iter()
+                .map(|(value, diff)| match value.get(column) {
+                    Some(crate::views::Datum::Int(n)) => *n * *diff as i64,
+                    _ => 0,
+                })
+                .sum();
+            if net > 0 {
+                tally.added[i] += net as u64;
+            } else {
+                tally.removed[i] += net.unsigned_abs();
+            }
+        }
+    }
 }
 
 /// The slot between the sink operator and the writer thread.
 #[derive(Default)]
 pub struct Handoff {
-    state: Mutex<(Option<ChangeBatch>, bool)>,
+    state: Mutex<(Option<(ChangeBatch, Tally)>, bool)>,
     ready: Condvar,
 }
 
 impl Handoff {
     /// Offers a batch; folds it into one the writer has not taken yet.
-    pub fn offer(&self, batch: ChangeBatch) {
+    pub fn offer(&self, batch: ChangeBatch, tally: Tally) {
         let mut state = self.state.lock();
         match &mut state.0 {
-            Some(waiting) => waiting.absorb(batch),
-            slot @ None => *slot = Some(batch),
+            Some((waiting, waiting_tally)) => {
+                waiting.absorb(batch);
+                waiting_tally.absorb(tally);
+            }
+            slot @ None => *slot = Some((batch, tally)),
         }
         self.ready.notify_one();
     }
@@ -72,7 +157,7 @@ impl Handoff {
     }
 
     /// Waits for a batch; `None` once closed and drained.
-    pub fn take(&self) -> Option<ChangeBatch> {
+    pub fn take(&self) -> Option<(ChangeBatch, Tally)> {
         let mut state = self.state.lock();
         loop {
             if let Some(batch) = state.0.take() {
@@ -86,7 +171,7 @@ impl Handoff {
     }
 
     /// A batch if one is waiting.
-    pub fn try_take(&self) -> Option<ChangeBatch> {
+    pub fn try_take(&self) -> Option<(ChangeBatch, Tally)> {
         self.state.lock().0.take()
     }
 }
@@ -153,6 +238,11 @@ impl SinkStatus {
             && self.committed.load(Ordering::Acquire) > self.recovery_target.load(Ordering::Acquire)
     }
 
+    /// Whether this process commits (process 0), rather than following.
+    pub fn commits(&self) -> bool {
+        !self.follower.load(Ordering::Acquire)
+    }
+
     /// The last commit error, until the next success.
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().clone()
@@ -214,6 +304,8 @@ pub fn click_sink(records: VecCollection<'_, Time, SinkRecord>, spec: SinkSpec) 
     let mut pending: Vec<(SinkRecord, Time, isize)> = Vec::new();
     let mut last_upper = as_of;
     let mut last_offer = Instant::now();
+    let classes = ClassColumns::of(views);
+    let mut tally = Tally::default();
     let to_worker_zero = Exchange::new(|_: &(SinkRecord, Time, isize)| 0u64);
     records
         .inner
@@ -244,6 +336,9 @@ pub fn click_sink(records: VecCollection<'_, Time, SinkRecord>, spec: SinkSpec) 
                     continue;
                 }
                 match record {
+                    SinkRecord::ClicksRead(n) => {
+                        tally.clicks_read += n * diff.max(0) as u64;
+                    }
                     SinkRecord::Position(p, pos) => {
                         let e = positions.entry(p).or_insert(pos);
                         if pos.offset >= e.offset {
@@ -269,6 +364,9 @@ pub fn click_sink(records: VecCollection<'_, Time, SinkRecord>, spec: SinkSpec) 
 
             let mut changes: Vec<ViewChanges> = vec![ViewChanges::new(); views.len()];
             for ((view, key), updates) in rows {
+                if let Some(c) = classes.filter(|c| c.view == view) {
+                    c.count(&updates, &mut tally);
+                }
                 if let Some(change) = absolute_value(views[view as usize].name, &key, updates) {
                     changes[view as usize].insert(key, change);
                 }
@@ -276,11 +374,14 @@ pub fn click_sink(records: VecCollection<'_, Time, SinkRecord>, spec: SinkSpec) 
             let changed = changes.iter().any(|c| !c.is_empty());
             if changed || last_offer.elapsed() >= idle_commit_interval {
                 last_offer = Instant::now();
-                handoff.offer(ChangeBatch {
-                    upper,
-                    views: changes,
-                    positions: positions.clone(),
-                });
+                handoff.offer(
+                    ChangeBatch {
+                        upper,
+                        views: changes,
+                        positions: positions.clone(),
+                    },
+                    std::mem::take(&mut tally),
+                );
             }
         });
 }
@@ -302,6 +403,15 @@ fn absolute_value(view: &str, key: &Row, mut updates: Vec<(Row, isize)>) -> Opti
     }
 }
 
+/// Positions as `clicks/0=120 clicks/1=98 ...` for a log line.
+fn positions_text(positions: &BTreeMap<PartitionId, LogPosition>) -> String {
+    positions
+        .iter()
+        .map(|(p, pos)| format!("{p}={}", pos.offset))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Starts the writer thread that commits what the sink operator hands off.
 pub fn spawn_writer(
     store: Arc<dyn Store>,
@@ -310,7 +420,7 @@ pub fn spawn_writer(
     metrics: Arc<Metrics>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("sink-writer".into()).spawn(move || {
-        while let Some(mut batch) = handoff.take() {
+        while let Some((mut batch, mut tally)) = handoff.take() {
             let mut backoff = Duration::from_millis(100);
             loop {
                 let started = Instant::now();
@@ -320,10 +430,20 @@ pub fn spawn_writer(
                         metrics.sink_rows.inc_by(batch.rows() as u64);
                         metrics.sink_commit_seconds.observe(started.elapsed().as_secs_f64());
                         metrics.committed_frontier_ms.set(batch.upper as i64);
+                        metrics.record_commit(&batch.positions, &tally);
                         status.committed.store(batch.upper, Ordering::Release);
                         status.any_commit.store(true, Ordering::Release);
                         *status.last_error.lock() = None;
-                        tracing::debug!(upper = batch.upper, rows = batch.rows(), "committed");
+                        // One line per commit: the frontier and the positions it covers.
+                        tracing::info!(
+                            upper = batch.upper,
+                            frontier = %crate::time::rfc3339(batch.upper),
+                            rows = batch.rows(),
+                            clicks_read = tally.clicks_read,
+                            positions = %positions_text(&batch.positions),
+                            took_ms = started.elapsed().as_millis() as u64,
+                            "committed"
+                        );
                         break;
                     }
                     Err(StoreError::Fenced(why)) => {
@@ -339,8 +459,9 @@ pub fn spawn_writer(
                         *status.last_error.lock() = Some(e.to_string());
                         std::thread::sleep(backoff);
                         backoff = (backoff * 2).min(Duration::from_secs(10));
-                        if let Some(later) = handoff.try_take() {
+                        if let Some((later, later_tally)) = handoff.try_take() {
                             batch.absorb(later);
+                            tally.absorb(later_tally);
                         }
                     }
                 }
@@ -377,15 +498,28 @@ mod tests {
     #[test]
     fn handoff_folds_batches_the_writer_has_not_taken() {
         let h = Handoff::default();
-        h.offer(ChangeBatch {
-            upper: 1,
+        let read = |n| Tally {
+            clicks_read: n,
             ..Default::default()
-        });
-        h.offer(ChangeBatch {
-            upper: 2,
-            ..Default::default()
-        });
-        assert_eq!(h.try_take().map(|b| b.upper), Some(2));
+        };
+        h.offer(
+            ChangeBatch {
+                upper: 1,
+                ..Default::default()
+            },
+            read(3),
+        );
+        h.offer(
+            ChangeBatch {
+                upper: 2,
+                ..Default::default()
+            },
+            read(4),
+        );
+        assert_eq!(
+            h.try_take().map(|(b, t)| (b.upper, t.clicks_read)),
+            Some((2, 7))
+        );
         h.close();
         assert!(h.take().is_none());
     }

@@ -39,6 +39,9 @@ pub enum SourceEvent {
     Ad(u64, AdRecord),
     /// All records of the partition before `position` have times at most this one's.
     Position(PartitionId, LogPosition),
+    /// This many clicks were read at this time; never retracted. The sink counts them
+    /// (with the committed rows) for the dedup-drop metric.
+    ClicksRead(u64),
 }
 
 /// What one source reads and how it stamps records.
@@ -126,6 +129,8 @@ pub fn log_source<'s>(
                             .entry(batch.partition)
                             .or_insert_with(|| PartitionState::new(LogPosition::default(), tick));
                         let mut last_time = None;
+                        // Clicks read per time, one `ClicksRead` per run of equal times.
+                        let mut read: Option<(Time, u64)> = None;
                         for record in &batch.records {
                             // Record times are made monotone per partition, so a time never
                             // falls below the frontier already announced.
@@ -147,6 +152,15 @@ pub fn log_source<'s>(
                             };
                             match decode(batch.partition.topic, at, &record.payload, ttl_ms) {
                                 Some(event @ (SourceEvent::Click(_) | SourceEvent::Verdict(_))) => {
+                                    if matches!(event, SourceEvent::Click(_)) {
+                                        if matches!(read, Some((t, _)) if t == time) {
+                                            if let Some((_, n)) = read.as_mut() {
+                                                *n += 1;
+                                            }
+                                        } else if let Some((t, n)) = read.replace((time, 1)) {
+                                            session.give((SourceEvent::ClicksRead(n), t, 1));
+                                        }
+                                    }
                                     session.give((event.clone(), time, 1));
                                     session.give((event, time + horizon_ms, -1));
                                 }
@@ -160,6 +174,9 @@ pub fn log_source<'s>(
                                     );
                                 }
                             }
+                        }
+                        if let Some((t, n)) = read {
+                            session.give((SourceEvent::ClicksRead(n), t, 1));
                         }
                         part.next_offset = batch.next.offset;
                         if let Some(time) = last_time {

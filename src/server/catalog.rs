@@ -25,7 +25,7 @@ const MAX_IMPRESSIONS: u32 = 1_000;
 const MAX_VERDICTS: usize = 10_000;
 
 /// `POST /v1/advertisers`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewAdvertiser {
     /// The advertiser's id.
@@ -35,7 +35,7 @@ pub struct NewAdvertiser {
 }
 
 /// The answer to `POST /v1/advertisers`: the key is shown once and stored only hashed.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CreatedAdvertiser {
     /// The advertiser's id.
     pub advertiser_id: u64,
@@ -82,7 +82,7 @@ pub async fn create_advertiser(
 }
 
 /// `PUT /v1/ads/{ad_id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdIn {
     /// The owning advertiser (fixed once the ad exists).
@@ -193,7 +193,7 @@ pub async fn get_ad(
 }
 
 /// `POST /v1/impressions`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImpressionIn {
     /// The ad shown.
@@ -207,7 +207,7 @@ pub struct ImpressionIn {
 }
 
 /// A minted impression.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ImpressionOut {
     /// 32 hex characters.
     pub impression_id: String,
@@ -277,7 +277,7 @@ pub async fn impressions(
 }
 
 /// One verdict of `POST /v1/fraud-verdicts`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VerdictIn {
     /// 32 hex characters.

@@ -148,7 +148,7 @@ pub async fn redirect(
 }
 
 /// A time in a request: epoch milliseconds or an RFC 3339 string.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum TimeIn {
     /// Epoch milliseconds.
@@ -168,7 +168,7 @@ impl TimeIn {
 }
 
 /// One click of `POST /v1/clicks`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClickIn {
     /// The impression token.
@@ -188,7 +188,7 @@ pub struct ClickIn {
 }
 
 /// A refused click of a batch.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Rejected {
     /// Its index in the request.
     pub index: usize,
@@ -197,7 +197,7 @@ pub struct Rejected {
 }
 
 /// The answer to `POST /v1/clicks`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct BatchResult {
     /// Clicks now durable.
     pub accepted: usize,

@@ -7,6 +7,7 @@ pub mod clicks;
 pub mod error;
 pub mod extract;
 pub mod json;
+pub mod openapi;
 pub mod ops;
 pub mod query;
 

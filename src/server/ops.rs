@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::response::IntoResponse;
 
 use super::error::ApiError;
@@ -47,6 +47,26 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Va
 
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    // Lags are measured at scrape time; only a process with a sink has positions.
+    let ends = if state.sink.is_some() {
+        let log = state.log.clone();
+        match tokio::task::spawn_blocking(move || log.end_offsets()).await {
+            Ok(Ok(ends)) => Some(ends),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "no end offsets for the lag metrics");
+                None
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "end offsets task failed");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    state
+        .metrics
+        .refresh_lags(ends.as_deref(), crate::time::now_ms());
     (
         [(
             header::CONTENT_TYPE,
@@ -56,11 +76,11 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// `GET /openapi.json`: not built yet (issue "Operable and pleasant"); says so clearly.
-pub async fn openapi() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "not_implemented",
-        "the machine-readable contract is not generated yet; ../shared/api.md is the reference",
+/// `GET /openapi.json`: the contract, generated from the handlers' types
+/// ([`super::openapi`]).
+pub async fn openapi() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        super::openapi::document(),
     )
 }

@@ -19,7 +19,7 @@ use crate::time::{Granularity, Millis, minute_of, now_ms, rfc3339};
 const MAX_POINTS: u64 = 50_000;
 
 /// One window of a series.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Point {
     /// Window start, RFC 3339.
     pub window_start: String,
@@ -37,7 +37,7 @@ pub struct Point {
 }
 
 /// A series answer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Series {
     /// The window length.
     pub granularity: &'static str,
@@ -194,7 +194,7 @@ pub async fn advertiser_clicks(
 }
 
 /// One ad of a top list.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AdTotalOut {
     /// The ad.
     pub ad_id: u64,
@@ -209,7 +209,7 @@ pub struct AdTotalOut {
 }
 
 /// The top-ads answer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TopAds {
     /// First minute, RFC 3339.
     pub from: String,
@@ -263,7 +263,7 @@ pub async fn top_ads(
 }
 
 /// One stored late click.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct LateClickOut {
     /// The impression.
     pub impression_id: String,
@@ -275,13 +275,22 @@ pub struct LateClickOut {
     pub record_time: String,
 }
 
+/// The late-clicks answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct LateClicksOut {
+    /// The ad.
+    pub ad_id: u64,
+    /// Its late clicks (at most 10,000).
+    pub late_clicks: Vec<LateClickOut>,
+}
+
 /// `GET /v1/ads/{ad_id}/late-clicks`: the late-clicks side output of one ad.
 pub async fn ad_late_clicks(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(ad_id): ApiPath<u64>,
     ApiQuery(mut params): ApiQuery<HashMap<String, String>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<LateClicksOut>, ApiError> {
     let store = state.store.clone();
     let owner = blocking(move || store.ad(ad_id))
         .await?
@@ -300,16 +309,17 @@ pub async fn ad_late_clicks(
             record_time: rfc3339(r.record_time_ms),
         })
         .collect();
-    Ok(Json(
-        serde_json::json!({ "ad_id": ad_id, "late_clicks": clicks }),
-    ))
+    Ok(Json(LateClicksOut {
+        ad_id,
+        late_clicks: clicks,
+    }))
 }
 
 /// Fraud adjustments listed per answer at most (the totals cover them all).
 const MAX_ADJUSTMENTS: usize = 10_000;
 
 /// One fraud adjustment: a billed click of a frozen window that a later verdict named.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AdjustmentOut {
     /// The ad.
     pub ad_id: u64,
@@ -337,7 +347,7 @@ pub struct AdjustmentOut {
 }
 
 /// A fraud-adjustments answer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AdjustmentsOut {
     /// First billed minute, RFC 3339.
     pub from: String,

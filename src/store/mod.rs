@@ -97,7 +97,7 @@ pub struct WriterClaim {
 }
 
 /// An ad in the catalog.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Ad {
     /// The ad.
     pub ad_id: u64,
@@ -207,7 +207,7 @@ pub struct FraudAdjustment {
 }
 
 /// Sums over fraud adjustments.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AdjustmentTotals {
     /// How many.
     pub adjustments: i64,

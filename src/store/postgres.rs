@@ -225,6 +225,40 @@ fn off_runtime<T: Send>(f: impl FnOnce() -> Result<T, StoreError> + Send) -> Res
     })
 }
 
+/// The URL's host, port and database for messages, never its user or password.
+pub fn redacted_url(url: &str) -> String {
+    match Config::from_str(url) {
+        Ok(c) => {
+            let hosts: Vec<String> = c
+                .get_hosts()
+                .iter()
+                .zip(c.get_ports().iter().chain(std::iter::repeat(&5432)))
+                .map(|(h, port)| match h {
+                    postgres::config::Host::Tcp(h) => format!("{h}:{port}"),
+                    #[cfg(unix)]
+                    postgres::config::Host::Unix(p) => p.display().to_string(),
+                })
+                .collect();
+            format!(
+                "postgres://{}/{}",
+                hosts.join(","),
+                c.get_dbname().unwrap_or("")
+            )
+        }
+        Err(_) => "(not a Postgres URL)".to_owned(),
+    }
+}
+
+/// Connects once (with the store's connect timeout) and disconnects: is the store there?
+pub fn probe(url: &str) -> Result<(), StoreError> {
+    let config = parse_config(url)?;
+    off_runtime(move || {
+        let client = config.connect(NoTls).map_err(db("connect to Postgres"))?;
+        drop(client);
+        Ok(())
+    })
+}
+
 fn parse_config(url: &str) -> Result<Config, StoreError> {
     // The error never echoes the URL: it may hold a password.
     let mut config = Config::from_str(url)
