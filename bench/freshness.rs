@@ -12,14 +12,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use clickagg::loadgen::LoadgenOptions;
-use common::{AD_SERVER, ADMIN, Server, Target, TestTimes, client};
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use common::{AD_SERVER, ADMIN, Server, Target, TestTimes, client, env_or};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]

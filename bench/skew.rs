@@ -151,10 +151,7 @@ fn run(clicks: usize, salted: bool) -> Outcome {
 }
 
 fn main() {
-    let clicks = std::env::var("SKEW_CLICKS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(400_000);
+    let clicks = common::env_or("SKEW_CLICKS", 400_000) as usize;
     let modes: Vec<bool> = match std::env::var("SKEW_SALT").as_deref() {
         Ok("on") => vec![true],
         Ok("off") => vec![false],

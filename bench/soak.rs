@@ -15,14 +15,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use clickagg::loadgen::LoadgenOptions;
-use common::{AD_SERVER, ADMIN, Server, TestTimes, metric};
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use common::{AD_SERVER, ADMIN, Server, TestTimes, env_or, metric};
 
 fn rss_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -169,3 +169,9 @@ pub(crate) fn retention_sql(views: &[ViewDef], param: fn(usize) -> String) -> Ve
 pub(crate) fn ad_clicks(views: &[ViewDef]) -> Option<&ViewDef> {
     views.iter().find(|v| v.name == "ad_clicks")
 }
+
+/// The `ad_clicks` view, which reconciliation reads and corrects; an error without it.
+pub(crate) fn required_ad_clicks(views: &[ViewDef]) -> Result<&ViewDef, super::StoreError> {
+    ad_clicks(views)
+        .ok_or_else(|| super::StoreError::Inconsistent("the store has no ad_clicks view".into()))
+}

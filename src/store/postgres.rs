@@ -429,6 +429,15 @@ fn ensure_view_tables(client: &mut Client, view: &ViewDef) -> Result<(), StoreEr
     Ok(())
 }
 
+/// A read-only transaction on one snapshot, for reads whose parts must agree.
+fn snapshot(client: &mut Client) -> Result<Transaction<'_>, postgres::Error> {
+    client
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+}
+
 /// Applies the migrations and derives the view tables, under an advisory lock so that
 /// processes starting together do not race on the DDL. Returns the migrations applied.
 fn migrate_with(client: &mut Client, views: &[ViewDef]) -> Result<Vec<String>, StoreError> {
@@ -1287,12 +1296,7 @@ impl Store for PostgresStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut c = self.conn()?;
         // One snapshot, so the totals are those of the rows listed.
-        let mut tx = c
-            .build_transaction()
-            .isolation_level(postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .map_err(&read)?;
+        let mut tx = snapshot(&mut c).map_err(&read)?;
         let rows = tx
             .query(
                 &fraud_adjustments_sql(scope, param),
@@ -1319,20 +1323,11 @@ impl Store for PostgresStore {
         from: Millis,
         to: Millis,
     ) -> Result<(Option<Time>, Vec<AdWindow>), StoreError> {
-        let Some(view) = corrections::ad_clicks(self.views) else {
-            return Err(StoreError::Inconsistent(
-                "the store has no ad_clicks view".into(),
-            ));
-        };
+        let view = corrections::required_ad_clicks(self.views)?;
         let read = db("read ad_clicks windows");
         let mut c = self.conn()?;
         // One snapshot, so the rows are exactly those of the frontier read with them.
-        let mut tx = c
-            .build_transaction()
-            .isolation_level(postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .map_err(&read)?;
+        let mut tx = snapshot(&mut c).map_err(&read)?;
         let frontier: Option<i64> = tx
             .query_one("SELECT max(upper) FROM progress", &[])
             .and_then(|r| r.try_get(0))
@@ -1375,11 +1370,7 @@ impl Store for PostgresStore {
         applied_at_ms: Millis,
         fixes: &[WindowCorrection],
     ) -> Result<(), StoreError> {
-        let Some(view) = corrections::ad_clicks(self.views) else {
-            return Err(StoreError::Inconsistent(
-                "the store has no ad_clicks view".into(),
-            ));
-        };
+        let view = corrections::required_ad_clicks(self.views)?;
         let sql = corrections::correction_sql(view, param);
         let write = db("apply corrections");
         let mut c = self.conn()?;

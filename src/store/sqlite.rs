@@ -790,11 +790,7 @@ impl Store for SqliteStore {
         from: Millis,
         to: Millis,
     ) -> Result<(Option<Time>, Vec<AdWindow>), StoreError> {
-        let Some(view) = corrections::ad_clicks(self.views) else {
-            return Err(StoreError::Inconsistent(
-                "the store has no ad_clicks view".into(),
-            ));
-        };
+        let view = corrections::required_ad_clicks(self.views)?;
         let read = unavailable("read ad_clicks windows");
         let mut conn = self.reader()?;
         // One read transaction: SQLite's WAL snapshot makes the rows those of the frontier.
@@ -837,11 +833,7 @@ impl Store for SqliteStore {
         applied_at_ms: Millis,
         fixes: &[WindowCorrection],
     ) -> Result<(), StoreError> {
-        let Some(view) = corrections::ad_clicks(self.views) else {
-            return Err(StoreError::Inconsistent(
-                "the store has no ad_clicks view".into(),
-            ));
-        };
+        let view = corrections::required_ad_clicks(self.views)?;
         let sql = corrections::correction_sql(view, param);
         let write = unavailable("apply corrections");
         let mut conn = self.writer.lock();

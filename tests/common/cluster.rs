@@ -198,9 +198,23 @@ fn new_process(
     role: &str,
     name: &str,
 ) -> Proc {
+    new_process_with(dir, config_path, env, &[role], name)
+}
+
+/// A process running `args` (the role and its flags) with `--config config_path`.
+fn new_process_with(
+    dir: &std::path::Path,
+    config_path: &std::path::Path,
+    env: &[(String, String)],
+    args: &[&str],
+    name: &str,
+) -> Proc {
+    let config = config_path.display().to_string();
+    let mut all = args.to_vec();
+    all.extend(["--config", &config]);
     Proc::new(
         name,
-        &[role, "--config", &config_path.display().to_string()],
+        &all,
         env.to_vec(),
         dir.join(name),
         dir.join(format!("{name}.log")),
@@ -222,25 +236,21 @@ fn worker_set(
         .collect();
     let config_path = dir.join(format!("{name}.toml"));
     std::fs::write(&config_path, config_text(times, workers, &addrs)).expect("write config");
-    let config = config_path.display().to_string();
     let procs = (0..processes)
         .map(|i| {
-            let (pname, index) = if processes == 1 {
-                (name.to_owned(), None)
+            let index = i.to_string();
+            let p = if processes == 1 {
+                new_process_with(dir, &config_path, env, &["worker"], name)
             } else {
-                (format!("{name}-{i}"), Some(i.to_string()))
+                let pname = format!("{name}-{i}");
+                new_process_with(
+                    dir,
+                    &config_path,
+                    env,
+                    &["worker", "--process", &index],
+                    &pname,
+                )
             };
-            let mut args = vec!["worker", "--config", &config];
-            if let Some(index) = &index {
-                args.extend(["--process", index.as_str()]);
-            }
-            let p = Proc::new(
-                &pname,
-                &args,
-                env.to_vec(),
-                dir.join(&pname),
-                dir.join(format!("{pname}.log")),
-            );
             Arc::new(Mutex::new(p))
         })
         .collect();

@@ -33,6 +33,14 @@ pub fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// A benchmark knob: the number in environment variable `name`, else `default`.
+pub fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Timing rules of a test server (short, so tests see them act).
 #[derive(Clone, Debug)]
 pub struct TestTimes {
