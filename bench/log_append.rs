@@ -26,6 +26,7 @@ fn click(i: u64) -> AppendRecord {
     AppendRecord {
         partition: click_partition(event.ad_id, 4),
         key: Some(event.ad_id),
+        record_time_ms: None,
         payload: event.encode(),
     }
 }
@@ -99,7 +100,7 @@ fn main() {
                 EmbeddedLogOptions {
                     click_partitions: 4,
                     verdict_partitions: 2,
-                    watermark_interval: Duration::from_millis(200),
+                    watermark_interval: Some(Duration::from_millis(200)),
                     append_timeout: Duration::from_secs(30),
                 },
             )

@@ -21,32 +21,16 @@ use serde_json::{Value, json};
 const HOT_AD: u64 = 1;
 const ADS: u64 = 100;
 
-/// CPU seconds of the threads whose name starts with each prefix, per worker index.
+/// CPU seconds of the worker and log-reader threads, per worker index.
 fn cpu_by_worker(pid: u32) -> BTreeMap<usize, f64> {
     let mut out = BTreeMap::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for task in tasks.flatten() {
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-            continue;
-        };
-        // comm is in parentheses and may hold spaces: split after the last ')'.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let comm = &stat[open + 1..close];
+    for (name, secs) in common::thread_cpu_seconds(pid) {
         let worker = ["timely:work-", "log-reader-"]
             .iter()
-            .find_map(|p| comm.strip_prefix(p)?.parse::<usize>().ok());
-        let Some(worker) = worker else { continue };
-        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
-        // After comm: state is field 3, utime field 14, stime field 15 (1-based).
-        let ticks: f64 = [11, 12]
-            .iter()
-            .filter_map(|i| fields.get(*i)?.parse::<f64>().ok())
-            .sum();
-        *out.entry(worker).or_default() += ticks / 100.0;
+            .find_map(|p| name.strip_prefix(p)?.parse::<usize>().ok());
+        if let Some(worker) = worker {
+            *out.entry(worker).or_default() += secs;
+        }
     }
     out
 }

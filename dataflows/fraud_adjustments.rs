@@ -85,7 +85,7 @@ fn build<'s>(inputs: &ViewInputs<'s>) -> ViewCollection<'s> {
                 vec![
                     Datum::Id(ad.campaign_id),
                     Datum::Id(ad.advertiser_id),
-                    Datum::Text(click.click_id),
+                    Datum::Text(click.click_id.to_string()),
                     Datum::Time(click.event_time_ms),
                     Datum::Time(first.record_time_ms),
                     Datum::Int(-1),

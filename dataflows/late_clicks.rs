@@ -41,7 +41,7 @@ fn build<'s>(inputs: &ViewInputs<'s>) -> ViewCollection<'s> {
                     Datum::Text(impression_hex(c.impression_id)),
                 ],
                 vec![
-                    Datum::Text(c.click_id),
+                    Datum::Text(c.click_id.to_string()),
                     Datum::Time(c.event_time_ms),
                     Datum::Time(c.record_time_ms),
                 ],

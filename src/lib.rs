@@ -13,12 +13,14 @@ pub mod config;
 pub mod dataflow;
 #[path = "../dataflows/mod.rs"]
 pub mod dataflows;
+pub mod import;
 pub mod loadgen;
 pub mod log;
 pub mod metrics;
 pub mod preflight;
 pub mod process;
 pub mod production;
+pub mod progress;
 pub mod reconcile;
 pub mod record;
 pub mod secrets;

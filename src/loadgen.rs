@@ -7,18 +7,20 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use rand_distr::{Distribution, Zipf};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::progress::{Display, Progress};
 use crate::time::now_ms;
 
 /// What to send.
@@ -58,8 +60,10 @@ pub struct LoadgenOptions {
     pub burst_size: usize,
     /// Random seed.
     pub seed: u64,
-    /// Show a progress bar (else log progress).
+    /// Show a progress bar (else log progress every 10 s); see [`crate::progress`].
     pub progress: bool,
+    /// Where the API keys of the advertisers it creates are saved ([`save_keys`]).
+    pub keys_file: Option<PathBuf>,
 }
 
 impl Default for LoadgenOptions {
@@ -83,6 +87,7 @@ impl Default for LoadgenOptions {
             burst_size: 40,
             seed: 42,
             progress: true,
+            keys_file: None,
         }
     }
 }
@@ -179,7 +184,7 @@ impl Client {
         method: reqwest::Method,
         path: &str,
         body: serde_json::Value,
-    ) -> anyhow::Result<reqwest::StatusCode> {
+    ) -> anyhow::Result<(reqwest::StatusCode, serde_json::Value)> {
         let r = self
             .http
             .request(method, format!("{}{path}", self.query_url))
@@ -188,7 +193,10 @@ impl Client {
             .send()
             .await
             .with_context(|| path.to_string())?;
-        Ok(r.status())
+        let status = r.status();
+        // Error bodies and 200s without JSON are fine: only a new advertiser's key is read.
+        let body = r.json().await.unwrap_or(serde_json::Value::Null);
+        Ok((status, body))
     }
 
     async fn mint(&self, ad_id: u64, user: &str, count: u32) -> anyhow::Result<Vec<String>> {
@@ -212,9 +220,12 @@ impl Client {
 }
 
 /// Creates the demo catalog: advertisers `1..=A`, ads `1..=N` in campaigns of 10 ads.
+/// The API keys of advertisers it creates go to `keys_file`, if any (existing
+/// advertisers keep theirs: the API shows a key only once).
 async fn create_catalog(client: &Client, o: &LoadgenOptions) -> anyhow::Result<()> {
+    let mut keys = Vec::new();
     for a in 1..=o.advertisers {
-        let status = client
+        let (status, body) = client
             .admin_json(
                 reqwest::Method::POST,
                 "/v1/advertisers",
@@ -224,11 +235,21 @@ async fn create_catalog(client: &Client, o: &LoadgenOptions) -> anyhow::Result<(
         if !status.is_success() && status != reqwest::StatusCode::CONFLICT {
             bail!("creating advertiser {a}: {status}");
         }
+        if let Some(key) = body["api_key"].as_str() {
+            keys.push((a, key.to_owned()));
+        }
+    }
+    if let Some(path) = &o.keys_file
+        && !keys.is_empty()
+    {
+        save_keys(path, &keys)
+            .with_context(|| format!("saving the demo advertisers' keys to {}", path.display()))?;
+        tracing::info!(file = %path.display(), advertisers = keys.len(), "saved the demo advertisers' API keys");
     }
     for ad in 1..=o.ads {
         let campaign = 1_000 + (ad - 1) / 10;
         let advertiser = 1 + (campaign % o.advertisers);
-        let status = client
+        let (status, _) = client
             .admin_json(
                 reqwest::Method::PUT,
                 &format!("/v1/ads/{ad}"),
@@ -245,6 +266,53 @@ async fn create_catalog(client: &Client, o: &LoadgenOptions) -> anyhow::Result<(
         }
     }
     Ok(())
+}
+
+/// Adds advertisers' API keys to the TOML file `path` (`[api_keys]`, by advertiser id),
+/// keeping the keys already there; written whole to a temporary file first, mode 0600.
+pub fn save_keys(path: &Path, keys: &[(u64, String)]) -> anyhow::Result<()> {
+    let mut doc: toml::Table = match std::fs::read_to_string(path) {
+        Ok(text) => toml::from_str(&text).context("parsing the existing file")?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => toml::Table::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let table = doc
+        .entry("api_keys")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .context("api_keys is not a table")?;
+    for (id, key) in keys {
+        table.insert(id.to_string(), toml::Value::String(key.clone()));
+    }
+    let text = format!(
+        "# API keys of the demo advertisers, by advertiser id, saved by clickagg loadgen / serve \
+         --demo\n# when it created them (the API shows a key only once). Log in to /dashboard \
+         with one.\n{}",
+        toml::to_string(&doc)?
+    );
+    let tmp = path.with_extension("toml.tmp");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut f = options.open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// The API key of advertiser `id` in a file written by [`save_keys`].
+pub fn saved_key(path: &Path, id: u64) -> anyhow::Result<Option<String>> {
+    let doc: toml::Table = toml::from_str(&std::fs::read_to_string(path)?)?;
+    Ok(doc
+        .get("api_keys")
+        .and_then(|t| t.get(id.to_string()))
+        .and_then(|v| v.as_str())
+        .map(str::to_owned))
 }
 
 /// Sends traffic per `options` and reports what happened.
@@ -278,25 +346,18 @@ pub async fn run(options: LoadgenOptions) -> anyhow::Result<LoadgenReport> {
     let in_flight = Arc::new(tokio::sync::Semaphore::new(32));
     let mut tasks = tokio::task::JoinSet::new();
 
-    let bar = if options.progress {
-        let bar = match options.clicks {
-            Some(n) => ProgressBar::new(n),
-            None => ProgressBar::new(options.duration.map_or(0, |d| d.as_secs() * options.rate)),
-        };
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} clicks ({per_sec}) {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        bar
+    let total = options
+        .clicks
+        .or_else(|| options.duration.map(|d| d.as_secs() * options.rate));
+    let display = if options.progress {
+        Display::Bar
     } else {
-        ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden())
+        Display::Log(Duration::from_secs(10))
     };
+    let progress = Progress::start_with("loadgen", "clicks", total, display);
 
     let started = Instant::now();
     let mut last_burst = Instant::now();
-    let mut last_log = Instant::now();
     let slice = Duration::from_millis(100);
     let mut ticker = tokio::time::interval(slice);
     let per_slice = (options.rate as f64 * slice.as_secs_f64()).max(1.0);
@@ -379,7 +440,7 @@ pub async fn run(options: LoadgenOptions) -> anyhow::Result<LoadgenReport> {
             }));
         }
         report.sent += batch.len() as u64;
-        bar.inc(batch.len() as u64);
+        progress.inc(batch.len() as u64);
 
         let (redirects, posts): (Vec<Sent>, Vec<Sent>) = batch
             .into_iter()
@@ -443,20 +504,40 @@ pub async fn run(options: LoadgenOptions) -> anyhow::Result<LoadgenReport> {
             });
         }
         while tasks.try_join_next().is_some() {}
-        if !options.progress && last_log.elapsed() >= Duration::from_secs(10) {
-            last_log = Instant::now();
-            tracing::info!(
-                sent = report.sent,
-                accepted = counters.accepted.load(Ordering::Relaxed),
-                "loadgen progress"
-            );
-        }
     }
     while tasks.join_next().await.is_some() {}
-    bar.finish_and_clear();
+    progress.finish();
     report.accepted = counters.accepted.load(Ordering::Relaxed);
     report.rejected = counters.rejected.load(Ordering::Relaxed);
     report.failed_requests = counters.failed.load(Ordering::Relaxed);
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saved_keys_merge_and_stay_private() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("demo-advertisers.toml");
+        save_keys(&path, &[(1, "ckv_one".into()), (2, "ckv_two".into())]).expect("save");
+        save_keys(&path, &[(3, "ckv_three".into())]).expect("merge");
+        assert_eq!(
+            saved_key(&path, 1).expect("read").as_deref(),
+            Some("ckv_one")
+        );
+        assert_eq!(
+            saved_key(&path, 3).expect("read").as_deref(),
+            Some("ckv_three")
+        );
+        assert_eq!(saved_key(&path, 4).expect("read"), None);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
 }

@@ -104,6 +104,9 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "2m")]
         wait: Duration,
     },
+    /// Backfill: load a CSV of clicks (and their ads) into the configured log, with record
+    /// times from the file's event times (see docs/import.md).
+    Import(ImportArgs),
     /// Drop archive partitions and store rows past their retention (`[retention]`).
     Compact {
         /// The TOML config file.
@@ -142,6 +145,37 @@ struct WorkerArgs {
     /// CLICKAGG_CLUSTER_PROCESS).
     #[arg(long)]
     process: Option<usize>,
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// The TOML config file (the log and store it names).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The CSV file: header, then click_id,impression_id,ad_id,campaign_id,user_id,ip,
+    /// event_time_ms in arrival order.
+    file: PathBuf,
+    /// Clicks per log append.
+    #[arg(long, default_value_t = 10_000)]
+    batch: usize,
+    /// What a malformed row does: stop the import, or be skipped and counted.
+    #[arg(long, value_enum, default_value_t = clickagg::import::OnBadRow::Stop)]
+    on_bad_row: clickagg::import::OnBadRow,
+    /// Only read and check the file; append nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// The advertiser of ads the store does not have yet (created if missing).
+    #[arg(long, default_value_t = 1)]
+    advertiser_id: u64,
+    /// The cost per click of ads the store does not have yet.
+    #[arg(long, default_value_t = 0)]
+    cpc_micros: u64,
+    /// The landing URL of ads the store does not have yet; {ad_id} is replaced.
+    #[arg(long, default_value = "https://example.invalid/imported/ad/{ad_id}")]
+    landing_url: String,
+    /// Log progress every this many rows.
+    #[arg(long, default_value_t = 500_000)]
+    progress_every: u64,
 }
 
 #[derive(Subcommand)]
@@ -213,6 +247,10 @@ struct LoadgenArgs {
     /// Random seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Where the API keys of the advertisers it creates are saved (default
+    /// <data-dir>/demo-advertisers.toml when that directory exists), for /dashboard.
+    #[arg(long)]
+    keys_file: Option<PathBuf>,
 }
 
 /// A validated config for a production process.
@@ -227,7 +265,7 @@ fn init_tracing(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(clickagg::progress::log_writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -303,6 +341,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 burst_size: a.burst_size,
                 seed: a.seed,
                 progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                keys_file: a.keys_file.or_else(|| {
+                    a.data_dir
+                        .is_dir()
+                        .then(|| clickagg::serve::demo_keys_path(&a.data_dir))
+                }),
             };
             let report = clickagg::loadgen::run(options).await?;
             println!("{report}");
@@ -402,6 +445,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if !summary.differing.is_empty() && summary.fixed == 0 {
                 return Err(Differences(summary.differing.len()).into());
             }
+            Ok(())
+        }
+        Command::Import(a) => {
+            let config = Config::load(a.config.as_deref())?;
+            let options = clickagg::import::ImportOptions {
+                file: a.file,
+                batch: a.batch,
+                on_bad_row: a.on_bad_row,
+                dry_run: a.dry_run,
+                advertiser_id: a.advertiser_id,
+                cpc_micros: a.cpc_micros,
+                landing_url: a.landing_url,
+                progress_every: a.progress_every,
+            };
+            let summary = clickagg::import::run(&config, options).await?;
+            if let Some(key) = &summary.new_advertiser_key {
+                println!(
+                    "created advertiser {} for the imported ads; its API key (shown once): {key}",
+                    a.advertiser_id
+                );
+            }
+            println!("import: {summary}");
             Ok(())
         }
         Command::Compact { config, dry_run } => {

@@ -20,6 +20,11 @@ pub fn store_path(config: &Config) -> PathBuf {
     config.data_dir.join("store.db")
 }
 
+/// Where the demo traffic saves the API keys of the advertisers it creates.
+pub fn demo_keys_path(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("demo-advertisers.toml")
+}
+
 /// Runs everything until Ctrl-C or SIGTERM; with `demo`, also a load generator.
 pub async fn run(
     config: Config,
@@ -45,7 +50,7 @@ pub async fn run(
             EmbeddedLogOptions {
                 click_partitions: config.log.click_partitions,
                 verdict_partitions: config.log.verdict_partitions,
-                watermark_interval: config.time.tick,
+                watermark_interval: Some(config.time.tick),
                 append_timeout: config.http.append_timeout,
             },
         )
@@ -80,12 +85,13 @@ pub async fn run(
     )
     .await?;
     let (listener, addr) = bind(&config).await?;
-    print_banner(&config, &addr, &secrets_path);
+    print_banner(&config, &addr, &secrets_path, demo.is_some());
 
     if let Some(mut options) = demo {
         options.url = format!("http://{addr}");
         options.admin_key = state.secrets.admin_key.clone();
         options.ad_server_key = state.secrets.ad_server_key.clone();
+        options.keys_file = Some(demo_keys_path(&config.data_dir));
         tokio::spawn(async move {
             match crate::loadgen::run(options).await {
                 Ok(report) => tracing::info!(%report, "demo traffic finished"),
@@ -104,7 +110,12 @@ pub async fn run(
     served
 }
 
-fn print_banner(config: &Config, addr: &std::net::SocketAddr, secrets_path: &std::path::Path) {
+fn print_banner(
+    config: &Config,
+    addr: &std::net::SocketAddr,
+    secrets_path: &std::path::Path,
+    demo: bool,
+) {
     let key_source = if config.keys.admin_key.is_empty() {
         format!("admin_key in {}", secrets_path.display())
     } else {
@@ -113,6 +124,13 @@ fn print_banner(config: &Config, addr: &std::net::SocketAddr, secrets_path: &std
     println!("clickagg is serving on http://{addr}");
     println!("  data directory: {}", config.data_dir.display());
     println!("  admin key:      {key_source}");
+    println!("  dashboard:      http://{addr}/dashboard (log in with an advertiser's API key)");
+    if demo {
+        println!(
+            "  demo keys:      the demo advertisers' API keys are in {}",
+            demo_keys_path(&config.data_dir).display()
+        );
+    }
     println!("  try:");
     println!(
         "    ADMIN=$(sed -n 's/^admin_key = \"\\(.*\\)\"$/\\1/p' {})",

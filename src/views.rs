@@ -10,6 +10,7 @@ use std::net::IpAddr;
 
 use differential_dataflow::VecCollection;
 use serde::{Deserialize, Serialize};
+use smol_str::SmolStr;
 
 use crate::dataflow::classify::Verdict;
 use crate::record::AdRecord;
@@ -119,9 +120,9 @@ pub struct ClassifiedClick {
     /// Record time.
     pub record_time_ms: Millis,
     /// The click id.
-    pub click_id: String,
+    pub click_id: SmolStr,
     /// The user.
-    pub user_id: String,
+    pub user_id: SmolStr,
     /// The client IP.
     pub ip: IpAddr,
     /// The price at click time.

@@ -594,6 +594,7 @@ fn foreign_paths(ad: u64, campaign: u64, advertiser: u64) -> Vec<String> {
         format!("/v1/advertisers/{advertiser}/clicks?granularity=1d"),
         format!("/v1/advertisers/{advertiser}/top-ads"),
         format!("/v1/advertisers/{advertiser}/fraud-adjustments"),
+        format!("/v1/advertisers/{advertiser}/ads"),
     ]
 }
 

@@ -139,8 +139,8 @@ fn click_of(c: &ClickSpec) -> Click {
         ad_id: ad_of(c.imp),
         event_time_ms: c.record - c.age,
         record_time_ms: c.record,
-        click_id: format!("c{}", c.click),
-        user_id: format!("u{}", c.user),
+        click_id: format!("c{}", c.click).into(),
+        user_id: format!("u{}", c.user).into(),
         ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, c.ip)),
         cpc_micros: c.cpc,
     }
@@ -297,7 +297,7 @@ fn oracle(s: &Scenario, t: u64) -> Vec<BTreeMap<(Row, Row), isize>> {
                 Datum::Text(format!("{:032x}", c.impression_id)),
             ];
             let value = vec![
-                Datum::Text(c.click_id.clone()),
+                Datum::Text(c.click_id.to_string()),
                 Datum::Time(c.event_time_ms),
                 Datum::Time(c.record_time_ms),
             ];
@@ -312,7 +312,7 @@ fn oracle(s: &Scenario, t: u64) -> Vec<BTreeMap<(Row, Row), isize>> {
             users
                 .entry((c.ad_id, c.event_time_ms / 3_600_000 * 3_600_000))
                 .or_default()
-                .insert(c.user_id.clone());
+                .insert(c.user_id.to_string());
         }
     }
     let hourly = users
@@ -355,7 +355,7 @@ fn oracle(s: &Scenario, t: u64) -> Vec<BTreeMap<(Row, Row), isize>> {
             let value = vec![
                 Datum::Id(*campaign),
                 Datum::Id(*advertiser),
-                Datum::Text(c.click_id.clone()),
+                Datum::Text(c.click_id.to_string()),
                 Datum::Time(c.event_time_ms),
                 Datum::Time(first_record),
                 Datum::Int(-1),

@@ -49,6 +49,7 @@ fn batch(log: &KafkaLog, tag: &str, n: usize) -> Vec<AppendRecord> {
         .map(|i| AppendRecord {
             partition: parts[i % parts.len()],
             key: None,
+            record_time_ms: None,
             payload: format!("{tag}-{i}").into_bytes(),
         })
         .collect()
@@ -321,6 +322,7 @@ fn a_reader_resumes_exactly_from_a_committed_position() {
             .map(|i| AppendRecord {
                 partition: p,
                 key: None,
+                record_time_ms: None,
                 payload: format!("{round}-{i}").into_bytes(),
             })
             .collect();
@@ -432,6 +434,7 @@ fn throughput() {
                 .map(|i| AppendRecord {
                     partition: clicks[(a + i) % clicks.len()],
                     key: None,
+                    record_time_ms: None,
                     payload: payload.clone(),
                 })
                 .collect();

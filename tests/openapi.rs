@@ -12,12 +12,16 @@ use common::{AD_SERVER, ADMIN, Server, Target, TestTimes, now_ms};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-/// The routes of `../shared/api.md` (and the README's routes table).
+/// The routes of `../shared/api.md` (and the README's routes table, which adds the
+/// late-clicks, fraud-adjustments, `/v1/me` and advertiser-ads routes). `GET /dashboard`
+/// is an HTML page, not an API route, so the document leaves it out.
 const CONTRACT: &[(&str, &str)] = &[
     ("get", "/c/{token}"),
     ("post", "/v1/clicks"),
     ("post", "/v1/impressions"),
     ("post", "/v1/advertisers"),
+    ("get", "/v1/me"),
+    ("get", "/v1/advertisers/{advertiser_id}/ads"),
     ("put", "/v1/ads/{ad_id}"),
     ("get", "/v1/ads/{ad_id}"),
     ("post", "/v1/fraud-verdicts"),
@@ -158,7 +162,7 @@ fn every_documented_route_answers_as_documented() {
         .collect();
     assert_eq!(
         documented, contract,
-        "documented routes differ from ../shared/api.md"
+        "documented routes differ from ../shared/api.md and the README's additions"
     );
 
     // The validator is not a rubber stamp: a wrong shape fails.
@@ -201,6 +205,51 @@ fn every_documented_route_answers_as_documented() {
         body: None,
         expect: 200,
     });
+    let me = run(Call {
+        method: "get",
+        template: "/v1/me",
+        url: "/v1/me".into(),
+        key: Some(acme.as_str()),
+        body: None,
+        expect: 200,
+    });
+    assert_eq!(me, json!({"role": "advertiser", "advertiser_id": 7}));
+    let admin = run(Call {
+        method: "get",
+        template: "/v1/me",
+        url: "/v1/me".into(),
+        key: Some(ADMIN),
+        body: None,
+        expect: 200,
+    });
+    assert_eq!(admin, json!({"role": "admin", "advertiser_id": null}));
+    run(Call {
+        method: "get",
+        template: "/v1/me",
+        url: "/v1/me".into(),
+        key: Some("not-a-key"),
+        body: None,
+        expect: 401,
+    });
+    let listed = run(Call {
+        method: "get",
+        template: "/v1/advertisers/{advertiser_id}/ads",
+        url: "/v1/advertisers/7/ads".into(),
+        key: Some(acme.as_str()),
+        body: None,
+        expect: 200,
+    });
+    assert_eq!(listed["ads"][0]["ad_id"], 42, "{listed}");
+    for (key, expect) in [(None, 401), (Some(acme.as_str()), 404)] {
+        run(Call {
+            method: "get",
+            template: "/v1/advertisers/{advertiser_id}/ads",
+            url: "/v1/advertisers/8/ads".into(),
+            key,
+            body: None,
+            expect,
+        });
+    }
     let one = run(Call {
         method: "post",
         template: "/v1/impressions",

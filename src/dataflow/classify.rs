@@ -18,7 +18,10 @@ use std::net::IpAddr;
 
 use differential_dataflow::VecCollection;
 use differential_dataflow::operators::ThresholdTotal;
+use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
+use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
 use serde::{Deserialize, Serialize};
+use smol_str::SmolStr;
 
 use crate::record::{AdRecord, ClickEvent};
 use crate::time::{Millis, Time};
@@ -35,10 +38,10 @@ pub struct Click {
     pub event_time_ms: Millis,
     /// Record time.
     pub record_time_ms: Millis,
-    /// The click id.
-    pub click_id: String,
-    /// The user.
-    pub user_id: String,
+    /// The click id (inline up to 23 bytes: no allocation per copy of the click).
+    pub click_id: SmolStr,
+    /// The user (inline up to 23 bytes).
+    pub user_id: SmolStr,
     /// The client IP.
     pub ip: IpAddr,
     /// The price at click time.
@@ -56,8 +59,8 @@ impl Click {
             ad_id: e.ad_id,
             event_time_ms: e.event_time_ms.clamp(earliest, record_time_ms),
             record_time_ms,
-            click_id: e.click_id,
-            user_id: e.user_id,
+            click_id: SmolStr::from(e.click_id),
+            user_id: SmolStr::from(e.user_id),
             ip: e.ip,
             cpc_micros: e.cpc_micros,
         }
@@ -124,11 +127,10 @@ pub fn classify<'s>(
     let firsts = first_clicks(clicks, rules.lateness_ms);
     let on_time = firsts
         .clone()
-        .filter(|(_, (on_time, _))| *on_time)
-        .map(|(imp, (_, c))| (imp, c));
+        .flat_map_ref(|imp, (on_time, c)| on_time.then(|| (*imp, c.clone())));
     let late = firsts
-        .filter(|(_, (on_time, _))| !*on_time)
-        .map(|(_, (_, c))| c.classified(ClickClass::Late));
+        .clone()
+        .flat_map_ref(|_, (on_time, c)| (!on_time).then(|| c.clone().classified(ClickClass::Late)));
 
     let first_verdicts = first_verdicts(verdicts);
     let burst_flagged = ip_bursts(on_time.clone(), rules.max_clicks_per_ip_per_second);
@@ -137,12 +139,18 @@ pub fn classify<'s>(
         .map(|(imp, _)| imp)
         .concat(burst_flagged.clone())
         .distinct_total();
-    let fraud = on_time
+    // One join for both classes, against the dedup's own output arrangement: a semijoin or
+    // antijoin of `on_time` would arrange a full click per impression once more. Billable
+    // is on time minus flagged, as a difference; it consolidates downstream like any
+    // collection.
+    let flagged_on_time = firsts.join_core(flagged.arrange_by_self(), |imp, (on_time, c), ()| {
+        on_time.then(|| (*imp, c.clone()))
+    });
+    let fraud = flagged_on_time
         .clone()
-        .semijoin(flagged.clone())
         .map(|(_, c)| c.classified(ClickClass::Fraud));
     let billable = on_time
-        .antijoin(flagged)
+        .concat(flagged_on_time.negate())
         .map(|(_, c)| c.classified(ClickClass::Billable));
 
     Classification {
@@ -165,29 +173,41 @@ fn first_verdicts<'s>(
         })
 }
 
-/// Per impression, the click that counts, and whether it was on time.
-fn first_clicks<'s>(
+/// The dedup's output: per impression the click that counts and whether it was on time,
+/// arranged by impression.
+pub type FirstClicks<'s> = Arranged<'s, TraceAgent<ValSpine<u128, (bool, Click), Time, isize>>>;
+
+/// Per impression, the click that counts, and whether it was on time: the dedup.
+pub fn first_clicks<'s>(
     clicks: VecCollection<'s, Time, Click>,
     lateness_ms: u64,
-) -> VecCollection<'s, Time, (u128, (bool, Click))> {
+) -> FirstClicks<'s> {
     clicks
         .map(|c| (c.impression_id, c))
-        .reduce(move |_imp, copies, out| {
-            let earliest = |on_time_only: bool| {
-                copies
-                    .iter()
-                    .map(|(c, _)| *c)
-                    .filter(|c| !on_time_only || c.on_time(lateness_ms))
-                    .min_by(|a, b| {
-                        (a.event_time_ms, &a.click_id).cmp(&(b.event_time_ms, &b.click_id))
-                    })
-            };
-            if let Some(c) = earliest(true) {
-                out.push(((true, c.clone()), 1));
-            } else if let Some(c) = earliest(false) {
-                out.push(((false, c.clone()), 1));
-            }
-        })
+        .arrange_by_key_named("Arrange: Dedup")
+        .reduce_abelian::<_, ValBuilder<_, _, _, _>, ValSpine<_, _, _, _>, _, _>(
+            "Dedup",
+            move |_imp, copies: &[(&Click, isize)], out| {
+                let earliest = |on_time_only: bool| {
+                    copies
+                        .iter()
+                        .map(|(c, _)| *c)
+                        .filter(|c| !on_time_only || c.on_time(lateness_ms))
+                        .min_by(|a, b| {
+                            (a.event_time_ms, &a.click_id).cmp(&(b.event_time_ms, &b.click_id))
+                        })
+                };
+                if let Some(c) = earliest(true) {
+                    out.push(((true, c.clone()), 1));
+                } else if let Some(c) = earliest(false) {
+                    out.push(((false, c.clone()), 1));
+                }
+            },
+            |batch: &mut Vec<_>, imp: &u128, updates: &mut Vec<_>| {
+                batch.clear();
+                batch.extend(updates.drain(..).map(|(v, t, r)| ((*imp, v), t, r)));
+            },
+        )
 }
 
 /// Impressions whose counted click shares its IP and second with more than `max` others'.

@@ -11,12 +11,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use differential_dataflow::VecCollection;
+use differential_dataflow::{AsCollection, VecCollection};
 use timely::communication::WorkerGuards;
+use timely::dataflow::operators::Probe;
 
 use self::classify::{Rules, classify, latest_ads};
 use self::sink::{Handoff, SinkRecord, SinkSpec, SinkStatus, click_sink, spawn_writer};
-use self::source::{SourceEvent, SourceSpec, log_source};
+use self::source::{Replay, SourceEvent, SourceSpec, log_source};
 use crate::cluster::{ClusterSpec, Heartbeat, Liveness, Watchdog, agree_on_recovery};
 use crate::log::{ADS_PARTITION, Log, LogPosition, all_partitions};
 use crate::metrics::Metrics;
@@ -110,6 +111,17 @@ pub struct Engine {
     heartbeat: Option<Arc<Heartbeat>>,
     /// What the sink has committed (in process 0) or seen (in the others).
     pub status: Arc<SinkStatus>,
+    /// How far this process's readers have replayed the log since the start.
+    pub replay: Arc<Replay>,
+}
+
+/// How many of this process's workers read partitions (and so run a log reader): worker
+/// `w` (global index) reads partitions `i` with `i % peers == w`.
+fn local_readers(cluster: &ClusterSpec, partitions: usize) -> usize {
+    let first = cluster.process * cluster.workers;
+    (first..first + cluster.workers)
+        .filter(|&w| w < partitions)
+        .count()
 }
 
 /// The engine could not start.
@@ -206,6 +218,10 @@ impl Engine {
             (Arc::new(SinkStatus::follower()), None, None)
         };
 
+        let replay = Replay::new(
+            local_readers(&spec.cluster, all_partitions(&*log).len()),
+            Arc::clone(&status),
+        );
         let heartbeat = Watchdog::start(&spec.cluster)
             .map_err(|e| EngineError(format!("watchdog thread: {e}")))?;
         if spec.cluster.is_distributed() {
@@ -221,8 +237,12 @@ impl Engine {
             worker: worker_config(),
         };
         let stop = Arc::clone(&shutdown);
-        let (sink_handoff, sink_status, running) =
-            (Arc::clone(&handoff), Arc::clone(&status), heartbeat.clone());
+        let (sink_handoff, sink_status, running, replaying) = (
+            Arc::clone(&handoff),
+            Arc::clone(&status),
+            heartbeat.clone(),
+            Arc::clone(&replay),
+        );
         let guards = timely::execute(config, move |worker| {
             let mut liveness = running
                 .as_ref()
@@ -263,6 +283,7 @@ impl Engine {
                     .map_or(0, |p| p.offset),
                 shutdown: Arc::clone(&stop),
                 metrics: Arc::clone(&metrics),
+                replay: Arc::clone(&replaying),
             };
             let sink_spec = SinkSpec {
                 handoff: Arc::clone(&sink_handoff),
@@ -276,9 +297,12 @@ impl Engine {
             let (rules, finality) = (spec.rules, spec.finality);
             arrangements::report_sizes(worker, &metrics);
             worker.dataflow::<Time, _, _>(move |scope| {
-                let events = log_source(scope, source_spec);
+                // The sink's input frontier paces the source (see `source::MAX_STEP`).
+                let done = timely::dataflow::ProbeHandle::new();
+                let events = log_source(scope, source_spec, done.clone());
                 let inputs = view_inputs(events.clone(), rules, finality);
                 let records = view_records(&inputs, views).concat(position_records(events));
+                let records = records.inner.probe_with(&done).as_collection();
                 click_sink(records, sink_spec);
             });
             while !stop.load(Ordering::Acquire) {
@@ -301,6 +325,7 @@ impl Engine {
             writer,
             heartbeat,
             status,
+            replay,
         })
     }
 
@@ -333,5 +358,22 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_readers_are_the_workers_that_get_a_partition() {
+        let mut cluster = ClusterSpec::single(4);
+        assert_eq!(local_readers(&cluster, 20), 4);
+        assert_eq!(local_readers(&cluster, 3), 3);
+        cluster.processes = vec!["a:1".into(), "b:1".into()];
+        cluster.process = 1;
+        // Global workers 4..8 of 8; with 6 partitions only 4 and 5 read any.
+        assert_eq!(local_readers(&cluster, 6), 2);
+        assert_eq!(local_readers(&cluster, 3), 0);
     }
 }

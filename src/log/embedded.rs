@@ -36,8 +36,10 @@ pub struct EmbeddedLogOptions {
     pub click_partitions: u32,
     /// Partitions of `fraud_verdicts`.
     pub verdict_partitions: u32,
-    /// How often an idle writer advances the watermark.
-    pub watermark_interval: Duration,
+    /// How often an idle writer advances the watermark to the clock. `None` for a
+    /// backfill (`clickagg import`): the watermark then follows the appended records only,
+    /// so a pause in the backfill never moves it past the historical times still to come.
+    pub watermark_interval: Option<Duration>,
     /// How long an append may wait for its commit.
     pub append_timeout: Duration,
 }
@@ -290,7 +292,8 @@ fn open_conn(path: &Path, read_only: bool) -> Result<Connection, LogError> {
 struct Writer {
     conn: Connection,
     next_offset: Vec<Vec<u64>>,
-    /// Running max of record times: every record gets a time at least this.
+    /// Running max of record times (and of the watermark) over the whole log: every record
+    /// gets a time at least this, so times are monotone per partition too.
     last_time: Millis,
 }
 
@@ -341,10 +344,14 @@ impl Writer {
         })
     }
 
-    fn run(mut self, jobs: Receiver<AppendJob>, commits: Arc<Commits>, interval: Duration) {
+    fn run(mut self, jobs: Receiver<AppendJob>, commits: Arc<Commits>, interval: Option<Duration>) {
         let mut last_commit = Instant::now();
         loop {
-            let first = match jobs.recv_timeout(interval) {
+            let received = match interval {
+                Some(interval) => jobs.recv_timeout(interval),
+                None => jobs.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            let first = match received {
                 Ok(job) => Some(job),
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -363,7 +370,7 @@ impl Writer {
                         Err(_) => break,
                     }
                 }
-            } else if last_commit.elapsed() < interval {
+            } else if interval.is_some_and(|i| last_commit.elapsed() < i) {
                 continue;
             }
             match self.commit(&group) {
@@ -386,9 +393,14 @@ impl Writer {
         commits.writer_alive.store(false, Ordering::Release);
     }
 
-    /// Writes one group and the new watermark in one transaction.
+    /// Writes one group and the new watermark in one transaction. A record without a
+    /// record time of its own gets the clock's; every time is raised to the running max.
     fn commit(&mut self, group: &[AppendJob]) -> Result<Vec<Appended>, rusqlite::Error> {
-        let time = now_ms().max(self.last_time);
+        let clock = now_ms();
+        let mut time = self.last_time;
+        if group.is_empty() {
+            time = time.max(clock);
+        }
         let mut next = self.next_offset.clone();
         let mut appended = Vec::with_capacity(group.iter().map(|j| j.records.len()).sum());
         let tx = self.conn.transaction()?;
@@ -404,6 +416,7 @@ impl Writer {
                     .ok_or(rusqlite::Error::InvalidParameterName(format!(
                         "no partition {p}"
                     )))?;
+                time = time.max(record.record_time_ms.unwrap_or(clock));
                 insert.execute(params![
                     p.topic.code(),
                     p.partition,
@@ -520,7 +533,7 @@ mod tests {
         EmbeddedLogOptions {
             click_partitions: 2,
             verdict_partitions: 1,
-            watermark_interval: Duration::from_millis(20),
+            watermark_interval: Some(Duration::from_millis(20)),
             append_timeout: Duration::from_secs(5),
         }
     }
@@ -538,6 +551,7 @@ mod tests {
             .map(|b| AppendRecord {
                 partition: part(p),
                 key: None,
+                record_time_ms: None,
                 payload: b.to_vec(),
             })
             .collect();
@@ -608,6 +622,53 @@ mod tests {
             w2 > w1,
             "an idle log still advances its watermark ({w1} -> {w2})"
         );
+    }
+
+    #[test]
+    fn explicit_record_times_are_kept_raised_to_the_running_max() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let backfill = EmbeddedLogOptions {
+            watermark_interval: None,
+            ..options()
+        };
+        let log = EmbeddedLog::open(dir.path(), backfill).expect("open");
+        let at = |p: u32, t: Millis| AppendRecord {
+            partition: part(p),
+            key: None,
+            record_time_ms: Some(t),
+            payload: t.to_string().into_bytes(),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let done = rt
+            .block_on(log.append(vec![at(0, 1_000), at(1, 3_000), at(0, 2_000), at(0, 4_000)]))
+            .expect("append");
+        let times: Vec<Millis> = done.iter().map(|a| a.record_time_ms).collect();
+        assert_eq!(
+            times,
+            vec![1_000, 3_000, 3_000, 4_000],
+            "historical times are kept, raised to the running max over the log"
+        );
+        // No clock ticks in a backfill: after a pause the watermark is still the last time.
+        std::thread::sleep(Duration::from_millis(60));
+        let mut reader = log
+            .reader(vec![(part(0), LogPosition::default())])
+            .expect("reader");
+        let batch = &reader.poll(Duration::from_millis(10)).expect("poll")[0];
+        assert_eq!(batch.records.len(), 3);
+        assert_eq!(batch.idle_until_ms, Some(4_000));
+        drop(reader);
+        drop(log);
+
+        // A live log reopened on it goes on from the clock, and a late backfill record is
+        // raised to what the log already holds.
+        let log = EmbeddedLog::open(dir.path(), options()).expect("reopen");
+        let live = append(&log, 0, &[b"live"]);
+        assert!(live[0].record_time_ms.abs_diff(now_ms()) < 10_000);
+        let late = rt.block_on(log.append(vec![at(1, 5_000)])).expect("append");
+        assert!(late[0].record_time_ms >= live[0].record_time_ms);
     }
 
     #[test]

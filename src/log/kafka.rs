@@ -13,9 +13,11 @@
 //!   and at once with `Overloaded`, before anything of it is queued; no report within the
 //!   append timeout gives `Timeout`; a broker error gives `Unavailable`.
 //! - **Record time** is the message timestamp (CreateTime), set to the ingest clock when
-//!   the record is produced. Several ingest processes with their own clocks write to one
-//!   partition, so the reader makes record times monotone with a running max, exactly as
-//!   the source does, starting from the position's floor: a replay assigns the same times.
+//!   the record is produced, or to the record's own time for a backfill
+//!   (`AppendRecord::record_time_ms`, `clickagg import`). Several ingest processes with
+//!   their own clocks write to one partition, so the reader makes record times monotone
+//!   with a running max, exactly as the source does, starting from the position's floor:
+//!   a replay assigns the same times.
 //! - **Idle partitions** advance through [`HEARTBEAT`] records (see
 //!   [`KafkaLog::spawn_heartbeats`]), never through a reader-side clock, because only what
 //!   is in the log is replayed identically.
@@ -320,6 +322,7 @@ impl KafkaLog {
                 (0..self.partitions(topic)).map(move |partition| AppendRecord {
                     partition: PartitionId { topic, partition },
                     key: None,
+                    record_time_ms: None,
                     payload: HEARTBEAT.to_vec(),
                 })
             })
@@ -353,15 +356,26 @@ impl Inner {
                 return Err(e);
             }
         };
-        // One record time per append, from this process's clock, never going back.
+        // Record times from this process's clock (one per append), or the backfill's own
+        // (`AppendRecord::record_time_ms`), never going back within this process. Readers
+        // make them monotone per partition across producers (see the module docs).
         let now = now_ms();
-        let time = now.max(self.last_time.fetch_max(now, Ordering::AcqRel));
+        let mut running = self.last_time.load(Ordering::Acquire);
+        let times: Vec<Millis> = records
+            .iter()
+            .map(|r| {
+                running = running.max(r.record_time_ms.unwrap_or(now));
+                running
+            })
+            .collect();
+        self.last_time.fetch_max(running, Ordering::AcqRel);
         let (done, receiver) = oneshot::channel();
         let pending = Arc::new(Pending {
             state: Mutex::new(PendingState {
                 results: records
                     .iter()
-                    .map(|r| Appended {
+                    .zip(&times)
+                    .map(|(r, &time)| Appended {
                         partition: r.partition,
                         offset: 0,
                         record_time_ms: time,
@@ -372,7 +386,7 @@ impl Inner {
                 done: Some(done),
             }),
         });
-        for (i, r) in records.iter().enumerate() {
+        for (i, (r, &time)) in records.iter().zip(&times).enumerate() {
             let ticket = Box::new(Ticket {
                 pending: Arc::clone(&pending),
                 index: i,
@@ -1116,6 +1130,7 @@ mod tests {
             .map(|b| AppendRecord {
                 partition: p,
                 key: None,
+                record_time_ms: None,
                 payload: b.to_vec(),
             })
             .collect()
@@ -1146,6 +1161,37 @@ mod tests {
             }
         }
         (got, next)
+    }
+
+    #[test]
+    fn backfill_record_times_become_message_timestamps() {
+        let mock = mock(2);
+        let log = KafkaLog::open(options(&mock)).expect("open");
+        let rt = runtime();
+        let at = |p: u32, t: Millis| AppendRecord {
+            record_time_ms: Some(t),
+            ..records(clicks(p), &[b"old"]).remove(0)
+        };
+        let done = rt
+            .block_on(log.append(vec![at(0, 5_000), at(1, 9_000), at(0, 7_000)]))
+            .expect("append");
+        let times: Vec<Millis> = done.iter().map(|a| a.record_time_ms).collect();
+        assert_eq!(
+            times,
+            vec![5_000, 9_000, 9_000],
+            "raised to the running max"
+        );
+        let mut reader = log
+            .reader(vec![
+                (clicks(0), LogPosition::default()),
+                (clicks(1), LogPosition::default()),
+            ])
+            .expect("reader");
+        let (got, _) = read(&mut *reader, 3);
+        let read_times =
+            |p: u32| -> Vec<Millis> { got[&clicks(p)].iter().map(|r| r.record_time_ms).collect() };
+        assert_eq!(read_times(0), vec![5_000, 9_000]);
+        assert_eq!(read_times(1), vec![9_000]);
     }
 
     #[test]
@@ -1359,6 +1405,7 @@ mod tests {
         let keyed = |key| AppendRecord {
             partition: clicks(1),
             key,
+            record_time_ms: None,
             payload: b"click".to_vec(),
         };
         rt.block_on(log.append(vec![keyed(Some(42)), keyed(None)]))
@@ -1567,6 +1614,7 @@ mod tests {
                             .map(|i| AppendRecord {
                                 partition: clicks(((a + i) % 2) as u32),
                                 key: None,
+                                record_time_ms: None,
                                 payload: payload.clone(),
                             })
                             .collect(),

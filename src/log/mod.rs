@@ -45,6 +45,14 @@ pub struct AppendRecord {
     /// The ad it is about, as the message key where the log has keys (Kafka), so tools
     /// and consumers see clicks keyed by ad; the partition is chosen by the caller.
     pub key: Option<u64>,
+    /// The record time to give it; `None` (every live append) takes the log's clock.
+    ///
+    /// For backfills (`clickagg import`), whose clicks happened long before they reach
+    /// the log: at the clock, every one of them would be clamped to `record time - TTL`
+    /// and classified late. Either way the log raises the time to its running max, so
+    /// record times never go back within a partition; an explicit time below what the
+    /// log already holds (live traffic, an earlier import) becomes that running max.
+    pub record_time_ms: Option<Millis>,
     /// The encoded payload.
     pub payload: Vec<u8>,
 }

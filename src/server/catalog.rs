@@ -161,6 +161,7 @@ pub async fn put_ad(
         .append(vec![AppendRecord {
             partition: ADS_PARTITION,
             key: Some(ad_id),
+            record_time_ms: None,
             payload: record.encode(),
         }])
         .await?;
@@ -190,6 +191,53 @@ pub async fn get_ad(
     caller.require_reader_of(ad.as_ref().map(|a| a.advertiser_id), &format!("ad {ad_id}"))?;
     ad.map(Json)
         .ok_or_else(|| ApiError::not_found(format!("ad {ad_id}")))
+}
+
+/// `GET /v1/advertisers/{advertiser_id}/ads`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AdvertiserAds {
+    /// The advertiser.
+    pub advertiser_id: u64,
+    /// Its ads, by id.
+    pub ads: Vec<Ad>,
+}
+
+/// `GET /v1/advertisers/{advertiser_id}/ads`: the admin or the owner. The dashboard lists
+/// these (and their campaigns) to pick from, including ads without clicks yet.
+pub async fn advertiser_ads(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(advertiser_id): ApiPath<u64>,
+) -> Result<Json<AdvertiserAds>, ApiError> {
+    let owner = super::query::advertiser_owner(&state, advertiser_id).await?;
+    caller.require_reader_of(owner, &format!("advertiser {advertiser_id}"))?;
+    let store = state.store.clone();
+    let ads = blocking(move || store.advertiser_ads(advertiser_id)).await?;
+    Ok(Json(AdvertiserAds { advertiser_id, ads }))
+}
+
+/// `GET /v1/me`: what the presented key is.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Me {
+    /// `admin`, `ad_server` or `advertiser`.
+    pub role: String,
+    /// The advertiser the key belongs to (advertiser keys only).
+    pub advertiser_id: Option<u64>,
+}
+
+/// `GET /v1/me`: which kind of key was presented, and whose. A client that holds only a
+/// key (the dashboard's login) learns from it which advertiser to show.
+pub async fn me(caller: Caller) -> Result<Json<Me>, ApiError> {
+    let (role, advertiser_id) = match caller {
+        Caller::Admin => ("admin", None),
+        Caller::AdServer => ("ad_server", None),
+        Caller::Advertiser(id) => ("advertiser", Some(id)),
+        Caller::Anonymous => return Err(ApiError::unauthorized("an API key is required")),
+    };
+    Ok(Json(Me {
+        role: role.to_owned(),
+        advertiser_id,
+    }))
 }
 
 /// `POST /v1/impressions`.
@@ -317,6 +365,7 @@ pub async fn fraud_verdicts(
         records.push(AppendRecord {
             partition: verdict_partition(impression_id, partitions),
             key: None,
+            record_time_ms: None,
             payload: FraudVerdict {
                 impression_id,
                 reason: v.reason.chars().take(256).collect(),

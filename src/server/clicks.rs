@@ -75,6 +75,7 @@ async fn append_clicks(
         .map(|(c, _)| AppendRecord {
             partition: state.partitioner.partition(c.ad_id, c.impression_id),
             key: Some(c.ad_id),
+            record_time_ms: None,
             payload: c.encode(),
         })
         .collect();

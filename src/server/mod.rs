@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod catalog;
 pub mod clicks;
+pub mod dashboard;
 pub mod error;
 pub mod extract;
 pub mod json;
@@ -162,6 +163,11 @@ pub fn router(state: AppState, role: Role) -> Router {
         app = app
             .route("/v1/impressions", post(catalog::impressions))
             .route("/v1/advertisers", post(catalog::create_advertiser))
+            .route("/v1/me", get(catalog::me))
+            .route(
+                "/v1/advertisers/{advertiser_id}/ads",
+                get(catalog::advertiser_ads),
+            )
             .route("/v1/ads/{ad_id}", put(catalog::put_ad).get(catalog::get_ad))
             .route("/v1/ads/{ad_id}/clicks", get(query::ad_clicks))
             .route("/v1/ads/{ad_id}/late-clicks", get(query::ad_late_clicks))
@@ -185,7 +191,8 @@ pub fn router(state: AppState, role: Role) -> Router {
                 "/v1/advertisers/{advertiser_id}/fraud-adjustments",
                 get(query::advertiser_fraud_adjustments),
             )
-            .route("/openapi.json", get(ops::openapi));
+            .route("/openapi.json", get(ops::openapi))
+            .route("/dashboard", get(dashboard::page));
     }
     app.route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))

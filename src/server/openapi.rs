@@ -8,7 +8,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
 use super::catalog::{
-    AdIn, CreatedAdvertiser, ImpressionIn, ImpressionOut, NewAdvertiser, VerdictIn,
+    AdIn, AdvertiserAds, CreatedAdvertiser, ImpressionIn, ImpressionOut, Me, NewAdvertiser,
+    VerdictIn,
 };
 use super::clicks::{BatchResult, ClickIn, Rejected, TimeIn};
 use super::query::{
@@ -107,12 +108,13 @@ impl Modify for Bearer {
                        errors are {\"error\": code, \"message\": text}."
     ),
     paths(
-        redirect, clicks, fraud_verdicts, impressions, create_advertiser, put_ad, get_ad,
-        ad_clicks, campaign_clicks, advertiser_clicks, top_ads, ad_late_clicks,
+        redirect, clicks, fraud_verdicts, impressions, create_advertiser, me, advertiser_ads,
+        put_ad, get_ad, ad_clicks, campaign_clicks, advertiser_clicks, top_ads, ad_late_clicks,
         ad_fraud_adjustments, advertiser_fraud_adjustments, healthz, readyz, metrics, openapi
     ),
     components(schemas(
-        ErrorBody, Ad, AdIn, NewAdvertiser, CreatedAdvertiser, ImpressionIn, ImpressionOut,
+        ErrorBody, Ad, AdIn, NewAdvertiser, CreatedAdvertiser, Me, AdvertiserAds,
+        ImpressionIn, ImpressionOut,
         ImpressionsOut, ImpressionsAnswer, ClickIn, ClicksIn, TimeIn, BatchResult, Rejected,
         VerdictIn, VerdictsAccepted, Point, Series, AdTotalOut, TopAds, LateClickOut,
         LateClicksOut, AdjustmentOut, AdjustmentsOut, AdjustmentTotals, Health, Ready
@@ -194,6 +196,24 @@ fn impressions() {}
     ))]
 #[allow(dead_code)]
 fn create_advertiser() {}
+
+/// Which kind of key the caller presented, and whose (any key). Not in api.md: a client
+/// holding only a key (the dashboard's login) needs it to know which advertiser it reads.
+#[utoipa::path(get, path = "/v1/me", tag = "catalog",
+    security(("bearer" = [])),
+    responses((status = 200, body = Me), (status = 401, body = ErrorBody)))]
+#[allow(dead_code)]
+fn me() {}
+
+/// An advertiser's ads, by id (admin or the advertiser). Not in api.md: the dashboard
+/// lists them to pick from, including ads without clicks.
+#[utoipa::path(get, path = "/v1/advertisers/{advertiser_id}/ads", tag = "catalog",
+    params(("advertiser_id" = u64, Path)),
+    security(("bearer" = [])),
+    responses((status = 200, body = AdvertiserAds),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+#[allow(dead_code)]
+fn advertiser_ads() {}
 
 /// Creates (201) or updates (200) an ad (admin).
 #[utoipa::path(put, path = "/v1/ads/{ad_id}", tag = "catalog", request_body = AdIn,

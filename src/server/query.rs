@@ -175,7 +175,11 @@ pub async fn campaign_clicks(
     series(&state, MetricScope::Campaign, campaign_id, &params).await
 }
 
-async fn advertiser_owner(state: &AppState, advertiser_id: u64) -> Result<Option<u64>, ApiError> {
+/// The advertiser itself if it exists: the owner of its own data.
+pub(super) async fn advertiser_owner(
+    state: &AppState,
+    advertiser_id: u64,
+) -> Result<Option<u64>, ApiError> {
     let store = state.store.clone();
     let exists = blocking(move || store.advertiser_exists(advertiser_id)).await?;
     Ok(exists.then_some(advertiser_id))

@@ -571,6 +571,25 @@ pub(crate) fn catalog_rules_hold(b: &dyn Backend) {
     assert_eq!(s.campaign_owner(70).expect("owner"), Some(7));
     assert_eq!(s.campaign_owner(u64::MAX).expect("owner"), Some(7));
     assert_eq!(s.campaign_owner(71).expect("owner"), None);
+    let second = Ad {
+        ad_id: 3,
+        advertiser_id: 8,
+        campaign_id: 80,
+        ..moved.clone()
+    };
+    let first = Ad {
+        ad_id: 2,
+        ..second.clone()
+    };
+    s.upsert_ad(&second).expect("ad 3");
+    s.upsert_ad(&first).expect("ad 2");
+    assert_eq!(s.advertiser_ads(7).expect("ads of 7"), vec![moved]);
+    assert_eq!(
+        s.advertiser_ads(8).expect("ads of 8"),
+        vec![first, second],
+        "one advertiser's ads, by id"
+    );
+    assert_eq!(s.advertiser_ads(9).expect("ads of 9"), vec![]);
 }
 
 /// Text keys, ordering and limits of the late-clicks side output, and a view without rollups.

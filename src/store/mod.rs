@@ -310,6 +310,9 @@ pub trait Store: Send + Sync + 'static {
     /// Every ad.
     fn ads(&self) -> Result<Vec<Ad>, StoreError>;
 
+    /// One advertiser's ads, by id.
+    fn advertiser_ads(&self, advertiser_id: u64) -> Result<Vec<Ad>, StoreError>;
+
     /// The advertiser owning a campaign.
     fn campaign_owner(&self, campaign_id: u64) -> Result<Option<u64>, StoreError>;
 

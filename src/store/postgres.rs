@@ -1169,6 +1169,24 @@ impl Store for PostgresStore {
             .map_err(&read)
     }
 
+    fn advertiser_ads(&self, advertiser_id: u64) -> Result<Vec<Ad>, StoreError> {
+        let read = db("read ads");
+        let mut ads: Vec<Ad> = self
+            .conn()?
+            .query(
+                &format!("SELECT {AD_COLUMNS} FROM ads WHERE advertiser_id = $1"),
+                &[&(advertiser_id as i64)],
+            )
+            .map_err(&read)?
+            .iter()
+            .map(ad_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(&read)?;
+        // Ids are stored bit-cast to i64, so SQL would order ids above i64::MAX first.
+        ads.sort_by_key(|a| a.ad_id);
+        Ok(ads)
+    }
+
     fn campaign_owner(&self, campaign_id: u64) -> Result<Option<u64>, StoreError> {
         let read = db("read campaigns");
         let owner: Option<i64> = self

@@ -607,6 +607,22 @@ impl Store for SqliteStore {
             .map_err(unavailable("read ads"))
     }
 
+    fn advertiser_ads(&self, advertiser_id: u64) -> Result<Vec<Ad>, StoreError> {
+        let conn = self.reader()?;
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {AD_COLUMNS} FROM ads WHERE advertiser_id = ?1"
+            ))
+            .map_err(unavailable("read ads"))?;
+        let mut ads: Vec<Ad> = stmt
+            .query_map([advertiser_id as i64], ad_from_row)
+            .and_then(|rows| rows.collect())
+            .map_err(unavailable("read ads"))?;
+        // Ids are stored bit-cast to i64, so SQL would order ids above i64::MAX first.
+        ads.sort_by_key(|a| a.ad_id);
+        Ok(ads)
+    }
+
     fn campaign_owner(&self, campaign_id: u64) -> Result<Option<u64>, StoreError> {
         let owner: Option<i64> = self
             .reader()?

@@ -25,12 +25,43 @@ pub const AD_SERVER: &str = "test-ad-server-key";
 /// The token secret every test server runs with.
 pub const TOKEN_SECRET: &[u8] = b"test-token-secret-0123456789abcdef";
 
+/// The `clickagg` binary the tests and benches start: `CLICKAGG_BIN` when set (bench/run-all
+/// points it at a private copy, since the shared target directory's `release/clickagg` is
+/// rewritten by whichever worktree builds last), else the one cargo built for this crate.
+pub fn clickagg_bin() -> std::ffi::OsString {
+    std::env::var_os("CLICKAGG_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_clickagg").into())
+}
+
 /// Milliseconds since the epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .expect("clock after 1970")
         .as_millis() as u64
+}
+
+/// CPU seconds (user + system) each live thread of process `pid` has used so far, with
+/// the thread's name. Threads that ended are missing, so compare two samples of
+/// long-lived threads only.
+pub fn thread_cpu_seconds(pid: u32) -> Vec<(String, f64)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            // comm is in parentheses and may hold spaces: split after the last ')'.
+            let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+            // After comm: utime and stime are fields 14 and 15 of stat (1-based).
+            let ticks: f64 = [11, 12]
+                .iter()
+                .filter_map(|i| fields.get(*i)?.parse::<f64>().ok())
+                .sum();
+            Some((stat[open + 1..close].to_owned(), ticks / 100.0))
+        })
+        .collect()
 }
 
 /// A benchmark knob: the number in environment variable `name`, else `default`.
@@ -248,6 +279,11 @@ impl Server {
 
     /// Starts a server whose config also has `extra` (whole TOML tables, e.g. `[views]`).
     pub fn start_configured(times: TestTimes, workers: usize, extra: &str) -> Server {
+        Server::start_with_args(times, workers, extra, &[])
+    }
+
+    /// Starts `clickagg serve` with more command-line arguments (e.g. `--demo`).
+    pub fn start_with_args(times: TestTimes, workers: usize, extra: &str, args: &[&str]) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("clickagg-test-")
             .tempdir()
@@ -258,9 +294,12 @@ impl Server {
             format!("{}\n{extra}", times.config_toml(workers)),
         )
         .expect("write config");
+        let config_arg = config_path.display().to_string();
+        let mut argv = vec!["serve", "--config", config_arg.as_str()];
+        argv.extend_from_slice(args);
         let mut proc = Proc::new(
             "serve",
-            &["serve", "--config", &config_path.display().to_string()],
+            &argv,
             key_env(),
             dir.path().join("data"),
             dir.path().join("server.log"),

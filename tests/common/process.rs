@@ -65,7 +65,7 @@ impl Proc {
             .append(true)
             .open(&self.log_path)
             .expect("process log");
-        let child = Command::new(env!("CARGO_BIN_EXE_clickagg"))
+        let child = Command::new(super::clickagg_bin())
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
