@@ -28,6 +28,8 @@ pub struct Driver<'a> {
     pub requests: u64,
     pub retries: u64,
     pub rng: StdRng,
+    /// The thread delivering the last planned kill, until it has landed.
+    pending_kill: Option<std::thread::JoinHandle<()>>,
 }
 
 /// How a request ended.
@@ -47,22 +49,32 @@ impl<'a> Driver<'a> {
             requests: 0,
             retries: 0,
             rng: StdRng::seed_from_u64(seed),
+            pending_kill: None,
         }
     }
 
     /// Kills the server now (SIGKILL), from another thread after a random delay so the
     /// kill lands in the middle of whatever the server is doing.
     pub fn kill_soon(&mut self) {
+        // Two kills planned a few requests apart could otherwise both pick the process the
+        // first has not reached yet, and one restart would count for two kills: let the
+        // earlier kill land and the victim be restarted before choosing the next.
+        if let Some(earlier) = self.pending_kill.take() {
+            let _ = earlier.join();
+            // SIGKILL is delivered at once, but the process takes a moment to exit.
+            std::thread::sleep(Duration::from_millis(100));
+            self.server.heal();
+        }
         let victims = self.server.victims();
         if victims.is_empty() {
             return;
         }
         let pid = victims[self.rng.random_range(0..victims.len())];
         let delay = Duration::from_millis(self.rng.random_range(0..40));
-        std::thread::spawn(move || {
+        self.pending_kill = Some(std::thread::spawn(move || {
             std::thread::sleep(delay);
             let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
-        });
+        }));
         if let Some(chaos) = self.chaos.as_mut() {
             chaos.kills += 1;
         }
