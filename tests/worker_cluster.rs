@@ -73,8 +73,8 @@ fn two_processes_of_two_workers_store_what_one_worker_stores() {
     cluster.ingest.lock().terminate(Duration::from_secs(20));
     cluster.worker.lock().terminate(Duration::from_secs(20));
     let frontier = committed_frontier(&one);
-    // A stopped worker must not have committed beyond the clicks it read: the pending
-    // expiry retractions a horizon ahead are no frontier.
+    // A stopped worker must not have committed beyond the clicks it read: a dataflow
+    // dropped on shutdown is no frontier.
     assert!(
         frontier <= common::now_ms() + 5_000,
         "SIGTERM committed a frontier {} s in the future",

@@ -312,7 +312,7 @@ impl Engine {
                 }
             }
             // Dropped, not completed: timely would otherwise step the dataflows until
-            // their frontiers are empty, which passes through pending expiry times.
+            // their frontiers are empty, and the sink would commit that empty frontier.
             for dataflow in worker.installed_dataflows() {
                 worker.drop_dataflow(dataflow);
             }
