@@ -217,10 +217,7 @@ fn run_phase(
             (rejected == 0).then(|| v["accepted"].as_u64())?
         }),
     };
-    let deadline = match pace {
-        Pace::Closed => Duration::from_secs(300),
-        Pace::Open { rate } => Duration::from_secs_f64(requests as f64 / rate * 2.0 + 10.0),
-    };
+    let deadline = pace.deadline(requests, Duration::from_secs(300));
     let split = load::CpuSplit::start(pid);
     let groups = load::cpu_by_group(pid);
     let outcome = load::run_blocking(

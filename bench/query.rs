@@ -234,10 +234,7 @@ fn measure(
         (status == StatusCode::OK && body.windows(with_points.len()).any(|w| w == with_points))
             .then_some(1)
     });
-    let deadline = match pace {
-        Pace::Closed => Duration::from_secs(120),
-        Pace::Open { rate } => Duration::from_secs_f64(requests as f64 / rate * 2.0 + 10.0),
-    };
+    let deadline = pace.deadline(requests, Duration::from_secs(120));
     let split = load::CpuSplit::start(pid);
     let mut o = load::run_blocking(
         threads,

@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::oracle::{Ad, Measures, Oracle, SentClick};
-use common::workload::Driver;
+use common::oracle::{Ad, Measures, Oracle};
+use common::workload::{Driver, Impression, Planned, send_clicks};
 use common::{ADMIN, Server, Target, TestTimes, now_ms, parse_rfc3339};
 use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
@@ -245,40 +245,24 @@ fn send_own_clicks(server: &mut Server) -> (String, Oracle, u64) {
         .collect();
     planned.extend(repeats);
 
-    let cpc_of = |ad: u64| ADS.iter().find(|a| a.0 == ad).map(|a| a.2).expect("ad");
-    let mut driver = Driver::new(server, 6, None);
-    for (n, batch) in planned.chunks(25).enumerate() {
-        let body: Vec<Value> = batch
-            .iter()
-            .enumerate()
-            .map(|(i, (_, _, token, event, ip))| {
-                json!({"token": token, "event_time": event, "ip": ip,
-                       "user_id": format!("u-{n}-{i}"), "click_id": format!("c-{n}-{i}")})
-            })
-            .collect();
-        let acked = driver.request(
-            reqwest::Method::POST,
-            None,
-            "/v1/clicks",
-            Some(&Value::Array(body)),
-            &[],
-            202,
-        );
-        assert_eq!(acked.body["accepted"], batch.len(), "{}", acked.body);
-        for (i, (ad, imp, _, event, ip)) in batch.iter().enumerate() {
-            oracle.clicks.push(SentClick {
-                impression: imp.clone(),
+    let prices: Vec<(u64, u64)> = ADS.iter().map(|a| (a.0, a.2)).collect();
+    let clicks: Vec<Planned> = planned
+        .iter()
+        .enumerate()
+        .map(|(k, (ad, imp, token, event, ip))| Planned {
+            imp: Impression {
+                id: imp.clone(),
+                token: token.clone(),
                 ad: *ad,
-                event_ms: *event,
-                exact_event: true,
-                click_id: Some(format!("c-{n}-{i}")),
-                ip: ip.clone(),
-                cpc_micros: cpc_of(*ad),
-                first_send_ms: acked.first_send_ms,
-                ack_ms: acked.ack_ms,
-            });
-        }
-    }
+            },
+            event_ms: *event,
+            click_id: format!("c-{k}"),
+            ip: ip.clone(),
+            user: format!("u-{k}"),
+        })
+        .collect();
+    let mut driver = Driver::new(server, 6, None);
+    send_clicks(&mut driver, &mut oracle, &clicks, &prices, 25);
     // Verdicts for two on-time clicks of the hot ad (their windows are still open).
     let flagged: Vec<String> = planned
         .iter()

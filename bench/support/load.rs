@@ -16,6 +16,12 @@
 //! of a shared 2-core machine spent what.
 #![allow(dead_code)]
 
+#[path = "../workload.rs"]
+mod workload;
+// Not every bench that includes this module prints it (as with `dead_code` above).
+#[allow(unused_imports)]
+pub use workload::loadavg;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +40,17 @@ pub enum Pace {
     Closed,
     /// Fixed schedule of `rate` requests per second.
     Open { rate: f64 },
+}
+
+impl Pace {
+    /// How long a run of `requests` may take: `closed` for a closed loop; twice the
+    /// schedule plus 10 s for an open one.
+    pub fn deadline(&self, requests: u64, closed: Duration) -> Duration {
+        match self {
+            Pace::Closed => closed,
+            Pace::Open { rate } => Duration::from_secs_f64(requests as f64 / rate * 2.0 + 10.0),
+        }
+    }
 }
 
 impl std::fmt::Display for Pace {
@@ -413,16 +430,6 @@ pub fn status_kib(pid: u32, field: &str) -> u64 {
         .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0)
-}
-
-/// Load average over the last minute, for the record.
-pub fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// Where a server thread's CPU goes, by its name: the HTTP side (tokio workers and the

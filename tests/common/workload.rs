@@ -160,20 +160,20 @@ pub struct WorkloadSpec {
 
 /// One impression the test may click.
 #[derive(Clone, Debug)]
-struct Impression {
-    id: String,
-    token: String,
-    ad: u64,
+pub struct Impression {
+    pub id: String,
+    pub token: String,
+    pub ad: u64,
 }
 
 /// A click not yet sent.
 #[derive(Clone, Debug)]
-struct Planned {
-    imp: Impression,
-    event_ms: u64,
-    click_id: String,
-    ip: String,
-    user: String,
+pub struct Planned {
+    pub imp: Impression,
+    pub event_ms: u64,
+    pub click_id: String,
+    pub ip: String,
+    pub user: String,
 }
 
 /// The catalog: 2 advertisers, 4 campaigns, 40 ads.
@@ -351,7 +351,9 @@ fn plan_phase(
     out
 }
 
-fn send_clicks(
+/// Sends `clicks` in batches through `POST /v1/clicks`, each batch until acknowledged with
+/// every click accepted, and records them in the oracle at `prices` (ad, cpc).
+pub fn send_clicks(
     d: &mut Driver,
     oracle: &mut Oracle,
     clicks: &[Planned],
