@@ -367,6 +367,15 @@ pub fn click_sink(records: VecCollection<'_, Time, SinkRecord>, spec: SinkSpec) 
                 if let Some(c) = classes.filter(|c| c.view == view) {
                     c.count(&updates, &mut tally);
                 }
+                // Off unless asked for: every row the sink hands over, with its updates.
+                tracing::debug!(
+                    target: "clickagg::sink::rows",
+                    upper,
+                    view = views[view as usize].name,
+                    ?key,
+                    ?updates,
+                    "row"
+                );
                 if let Some(change) = absolute_value(views[view as usize].name, &key, updates) {
                     changes[view as usize].insert(key, change);
                 }

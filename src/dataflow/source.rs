@@ -424,7 +424,19 @@ pub fn log_source<'s>(
                                 record_time_ms: part.floor_ms,
                                 time,
                             };
-                            match decode(batch.partition.topic, at, &record.payload, ttl_ms) {
+                            // Off unless asked for: which time a replay gives each record is
+                            // what a divergence between two runs comes down to.
+                            let event = decode(batch.partition.topic, at, &record.payload, ttl_ms);
+                            tracing::trace!(
+                                target: "clickagg::source::records",
+                                partition = %batch.partition,
+                                offset = record.offset,
+                                record_time_ms = part.floor_ms,
+                                time,
+                                ?event,
+                                "record"
+                            );
+                            match event {
                                 Some(event @ (SourceEvent::Click(_) | SourceEvent::Verdict(_))) => {
                                     if matches!(event, SourceEvent::Click(_)) {
                                         if matches!(read, Some((t, _)) if t == time) {

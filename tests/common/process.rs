@@ -36,7 +36,10 @@ impl Proc {
         let mut env = env;
         env.push(("CLICKAGG_DATA_DIR".into(), data_dir.display().to_string()));
         env.push(("CLICKAGG_HTTP_ADDR".into(), "127.0.0.1:0".into()));
-        env.push(("RUST_LOG".into(), "info".into()));
+        // CLICKAGG_TEST_RUST_LOG turns on diagnostics (e.g. the sink's and source's
+        // per-row traces) in every process a test starts.
+        let filter = std::env::var("CLICKAGG_TEST_RUST_LOG").unwrap_or_else(|_| "info".into());
+        env.push(("RUST_LOG".into(), filter));
         Proc {
             name: name.into(),
             args: args.iter().map(|a| a.to_string()).collect(),

@@ -153,8 +153,10 @@ pub struct WorkloadSpec {
     pub impressions_per_phase: usize,
     pub batch_size: usize,
     pub redirects: usize,
-    /// Earlier-event-time duplicates stay in their original's minute, so no legitimate
-    /// update ever lowers a window's total (for tests that watch the store for drops).
+    /// Duplicates that can be counted before their original loses or wins against them
+    /// (earlier event times sent later, later event times sent in the same batch) stay in
+    /// the original's minute, so no legitimate update ever lowers a window's total (for
+    /// tests that watch the store for drops).
     pub duplicates_stay_in_minute: bool,
 }
 
@@ -323,9 +325,16 @@ fn plan_phase(
                 dup.ip = ips.next();
             }
             match rng.random_range(0..4) {
-                // A retry with a later event time in the same batch.
+                // A retry with a later event time in the same batch, ahead of its original.
+                // An append that fails part-way leaves the clicks already queued in the
+                // log and the client sends the batch again, so the retry can be counted
+                // first and then lose to its original: a window it crossed into would drop
+                // again, as the dedup rule says it must.
                 0 => {
                     dup.event_ms = (first.event_ms + rng.random_range(1..10_000)).min(now);
+                    if spec.duplicates_stay_in_minute {
+                        dup.event_ms = dup.event_ms.min(first.event_ms / 60_000 * 60_000 + 59_999);
+                    }
                     out.push(dup);
                 }
                 // The same event time (tie broken by click id).
