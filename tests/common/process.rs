@@ -60,6 +60,12 @@ impl Proc {
 
     /// Starts it without waiting for anything (e.g. a process expected to refuse).
     pub fn start_detached(&mut self) {
+        // Two threads may heal the same process (a chaos thread restarting what it killed,
+        // the driver restarting what it found dead): a second start must not spawn another
+        // child over the first, which would run on, unkillable by the test, after it ends.
+        if self.alive() {
+            return;
+        }
         let addr_file = self.data_dir.join("http.addr");
         let _ = std::fs::remove_file(&addr_file);
         std::fs::create_dir_all(&self.data_dir).expect("data dir");
