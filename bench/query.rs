@@ -1,5 +1,10 @@
-//! Query: latency of the advertiser metrics API on the real `clickagg serve` binary over
-//! loopback, with 10,000 ads x 1 day of per-minute data in the embedded store (SQLite).
+//! Query: latency of the advertiser metrics API over loopback, with 10,000 ads x 1 day of
+//! per-minute data in the store, on either of the two deployments (`QUERY_STORE`):
+//!
+//! - `sqlite` (the default): the real `clickagg serve` binary on its embedded SQLite store;
+//! - `postgres`: production mode, the real `clickagg query` process reading a fresh
+//!   database on the machine's Postgres (127.0.0.1:5432), configured like the production
+//!   test cluster (`tests/common/cluster.rs`: Kafka log on a tansu broker, Postgres store).
 //!
 //! `cargo bench --bench query` (release build). Two queries, each at a fixed 500
 //! requests/s (open loop: request i is due at start + i/500 and its latency counts from
@@ -11,17 +16,28 @@
 //! A closed-loop run of each (32 connections) shows the most queries/s the server answers.
 //!
 //! What is in the store: the catalog (100 advertisers, 1000 campaigns, 10,000 ads) is
-//! created through the HTTP API; then, with the server stopped, EVERY minute of yesterday
-//! (UTC) of every ad gets an `ad_clicks` row (14,400,000 rows, dense: the worst case for
-//! query (a)) written through `Store::commit`, the sink's own write path, which maintains
-//! the 5-minute, hourly and daily rollups per ad, campaign and advertiser in the same
-//! transactions. Row values are a fixed function of (ad, minute): hot ads (low ids) have up
-//! to 1000 clicks a minute, cold ones 1-2; ~25% of rows carry a fraud click, ~6% a late
-//! one. The server is then started again on that store. Before and after the timed runs,
-//! sampled answers are compared with the same function summed by plain loops (the oracle).
+//! created through the HTTP API (of `serve`, or of the cluster's `query`, which serves the
+//! catalog routes); then, with every process that writes the store stopped, EVERY minute
+//! of yesterday (UTC) of every ad gets an `ad_clicks` row (14,400,000 rows, dense: the
+//! worst case for query (a)) written through `Store::commit`, the sink's own write path
+//! (`SqliteStore` or `PostgresStore`, after `claim_writer`), which maintains the 5-minute,
+//! hourly and daily rollups per ad, campaign and advertiser in the same transactions, 50
+//! ads per commit. Row values are a fixed function of (ad, minute): hot ads (low ids) have
+//! up to 1000 clicks a minute, cold ones 1-2; ~25% of rows carry a fraud click, ~6% a late
+//! one. Before and after the timed runs, sampled answers are compared with the same
+//! function summed by plain loops (the oracle).
 //!
-//! Knobs: `QUERY_RATE` (500), `QUERY_SECS` per query (20), `QUERY_ADS` (10000),
-//! `QUERY_CONNECTIONS` (64), `QUERY_CLIENT_THREADS` (1).
+//! Then the measured process starts again on that store. `sqlite`: `serve` with its
+//! (idle) dataflow. `postgres`: only `query` (with production's 2 s catalog refresh, not
+//! the test cluster's 500 ms); the cluster's worker and ingest stay stopped, so no sink
+//! commit competes with the queries, and the database is vacuumed, analyzed and
+//! checkpointed first, the state autovacuum keeps a long-running store in (otherwise it
+//! would start on the fresh 14.4M rows in the middle of the timed runs). In `postgres`
+//! mode the CPU of the database's backends is reported beside the query process's, and
+//! is not part of "other processes".
+//!
+//! Knobs: `QUERY_STORE` (`sqlite` or `postgres`), `QUERY_RATE` (500), `QUERY_SECS` per
+//! query (20), `QUERY_ADS` (10000), `QUERY_CONNECTIONS` (64), `QUERY_CLIENT_THREADS` (1).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -32,6 +48,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clickagg::config::Config;
+use clickagg::store::postgres::{PostgresOptions, PostgresStore};
 use clickagg::store::sqlite::{SqliteOptions, SqliteStore};
 use clickagg::store::{ChangeBatch, Measures, Store};
 use clickagg::views::Datum;
@@ -39,6 +57,8 @@ use hyper::StatusCode;
 use load::{Pace, Plan, Shot};
 use serde_json::Value;
 
+use common::cluster::{CATALOG_REFRESH, Cluster, START_LIMIT};
+use common::postgres::TestDb;
 use common::{ADMIN, Server, Target, TestTimes, env_or, now_ms, parse_rfc3339};
 
 const DAY: u64 = 86_400_000;
@@ -78,38 +98,31 @@ fn measures(ad: u64, m: u64) -> Measures {
     }
 }
 
-fn create_catalog(server: &Server, ads: u64) {
+fn create_catalog(target: &(dyn Target + Sync), ads: u64) {
     for a in 1..=ADVERTISERS {
-        server.create_advertiser(a);
+        target.create_advertiser(a);
     }
     let threads = 8;
     std::thread::scope(|s| {
         for t in 0..threads {
             s.spawn(move || {
                 for ad in (1..=ads).skip(t).step_by(threads) {
-                    server.put_ad(ad, advertiser_of(ad), campaign_of(ad), cpc_of(ad) as u64);
+                    target.put_ad(ad, advertiser_of(ad), campaign_of(ad), cpc_of(ad) as u64);
                 }
             });
         }
     });
 }
 
-/// Writes every minute of `day` of every ad through `Store::commit`; returns the last upper.
-fn fill(store_path: &std::path::Path, ads: u64, day: u64) -> u64 {
-    let store = SqliteStore::open(
-        store_path,
-        clickagg::views::enabled(&[]),
-        SqliteOptions {
-            read_pool_size: 1,
-            progress_retention_ms: DAY,
-        },
-    )
-    .expect("open store");
+/// Writes every minute of `day` of every ad through `Store::commit`, as the one writer;
+/// returns the last upper.
+fn fill(store: &dyn Store, ads: u64, day: u64) -> u64 {
     store.claim_writer().expect("claim store");
     let point = store.recovery_point(TICK_MS, 0).expect("recovery point");
     let ads_per_commit = 50;
     let mut upper = point.as_of;
     let started = Instant::now();
+    let mut reported = Instant::now();
     for first in (1..=ads).step_by(ads_per_commit) {
         let mut rows = HashMap::new();
         for ad in first..(first + ads_per_commit as u64).min(ads + 1) {
@@ -136,11 +149,23 @@ fn fill(store_path: &std::path::Path, ads: u64, day: u64) -> u64 {
                 positions: point.committed.clone(),
             })
             .expect("commit rows");
+        // A long fill (Postgres on a busy machine) shows its rate while it runs.
+        if reported.elapsed() > Duration::from_secs(30) {
+            reported = Instant::now();
+            let rows = (first + ads_per_commit as u64 - 1).min(ads) * 1_440;
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!(
+                "  (fill: {rows} of {} rows in {secs:.0}s, {:.0} rows/s)",
+                ads * 1_440,
+                rows as f64 / secs
+            );
+        }
     }
+    let secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "  (filled {} rows in {:.1}s)",
+        "  (filled {} rows in {secs:.1}s, {:.0} rows/s)",
         ads * 1_440,
-        started.elapsed().as_secs_f64()
+        (ads * 1_440) as f64 / secs
     );
     upper
 }
@@ -181,7 +206,7 @@ fn advertiser_path(a: u64, day: u64) -> String {
 }
 
 /// Compares sampled answers with plain sums of `measures`; returns how many were checked.
-fn check_oracle(server: &Server, ads: u64, day: u64, seed: u64) -> usize {
+fn check_oracle(server: &dyn Target, ads: u64, day: u64, seed: u64) -> usize {
     let mut checked = 0;
     for k in 0..40 {
         let ad = 1 + mix(seed * 7_919 + k) % ads;
@@ -213,7 +238,7 @@ fn check_oracle(server: &Server, ads: u64, day: u64, seed: u64) -> usize {
 }
 
 fn measure(
-    server: &Server,
+    deployment: &Deployment,
     name: &str,
     pace: Pace,
     requests: u64,
@@ -221,7 +246,7 @@ fn measure(
     threads: usize,
     path: Arc<dyn Fn(u64) -> String + Send + Sync>,
 ) {
-    let pid = server.pid().expect("server pid");
+    let (pid, base) = deployment.server();
     let make: load::Make = Arc::new(move |i| {
         let mut shot = Shot::get(path(i));
         shot.headers
@@ -236,9 +261,10 @@ fn measure(
     });
     let deadline = pace.deadline(requests, Duration::from_secs(120));
     let split = load::CpuSplit::start(pid);
+    let backend_cpu = deployment.backends().map(BackendCpu::start);
     let mut o = load::run_blocking(
         threads,
-        load::addr_of(&server.proc.base),
+        load::addr_of(&base),
         Plan {
             connections,
             pace,
@@ -250,11 +276,21 @@ fn measure(
     );
     let secs = o.elapsed.as_secs_f64().max(1e-9);
     let (server_cores, client_cores, other_cores) = split.cores(secs);
+    // The database's backends are part of a query's cost in production mode: counted on
+    // their own, not among the other processes.
+    let postgres_cores = backend_cpu.map(|b| b.cores(secs));
+    let other_cores = (other_cores - postgres_cores.unwrap_or(0.0)).max(0.0);
+    let postgres_part = postgres_cores
+        .map(|c| format!(", postgres {c:.2}"))
+        .unwrap_or_default();
+    let postgres_field = postgres_cores
+        .map(|c| format!(" postgres_cores={c:.2}"))
+        .unwrap_or_default();
     let (p50, p99, max) = (o.latency_ms(0.5), o.latency_ms(0.99), o.latency_ms(1.0));
     let (s50, s99) = (o.service_ms(0.5), o.service_ms(0.99));
     println!(
         "  {name:<18} {pace}: {} answers in {secs:.1}s ({:.0}/s); p50 {p50:.2} ms  p99 {p99:.2} ms  max {max:.2} ms \
-         (service p50 {s50:.2} p99 {s99:.2}); refused {} errors {} unsent {}; cores used: server {server_cores:.2}, client {client_cores:.2}, other processes {other_cores:.2}",
+         (service p50 {s50:.2} p99 {s99:.2}); refused {} errors {} unsent {}; cores used: server {server_cores:.2}{postgres_part}, client {client_cores:.2}, other processes {other_cores:.2}",
         o.ok,
         o.requests_per_s(),
         o.bad,
@@ -269,7 +305,8 @@ fn measure(
         Pace::Open { rate } => format!("open rate_req_s={rate:.0}"),
     };
     println!(
-        "BENCH name={name} pace={pace_tag} req_per_s={:.0} p50_ms={p50:.3} p99_ms={p99:.3} max_ms={max:.3} refused={} errors={} unsent={} server_cores={server_cores:.2} client_cores={client_cores:.2} other_cores={other_cores:.2}",
+        "BENCH name={} pace={pace_tag} req_per_s={:.0} p50_ms={p50:.3} p99_ms={p99:.3} max_ms={max:.3} refused={} errors={} unsent={} server_cores={server_cores:.2}{postgres_field} client_cores={client_cores:.2} other_cores={other_cores:.2}",
+        deployment.bench_name(name),
         o.requests_per_s(),
         o.bad,
         o.errors,
@@ -281,14 +318,99 @@ fn file_mib(path: &std::path::Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len()) / (1 << 20)
 }
 
-fn main() {
-    let rate = env_or("QUERY_RATE", 500) as f64;
-    let secs = env_or("QUERY_SECS", 20) as f64;
-    let ads = env_or("QUERY_ADS", 10_000);
-    let connections = env_or("QUERY_CONNECTIONS", 64) as usize;
-    let threads = env_or("QUERY_CLIENT_THREADS", 1) as usize;
-    let day = now_ms() / DAY * DAY - DAY;
+/// The process under test, started again on its filled store.
+enum Deployment {
+    /// `clickagg serve` on its embedded SQLite store.
+    Sqlite(Server),
+    /// The `query` process of a production cluster (its worker and ingest stopped) on a
+    /// fresh Postgres database. The cluster is declared first so that it drops first:
+    /// its processes end before the database goes.
+    Postgres { cluster: Cluster, db: TestDb },
+}
 
+/// CPU use of some Postgres backends (processes) during a run.
+struct BackendCpu(Vec<(u32, f64)>);
+
+impl BackendCpu {
+    /// Starts measuring `pids`.
+    fn start(pids: Vec<u32>) -> BackendCpu {
+        BackendCpu(
+            pids.into_iter()
+                .map(|pid| (pid, load::cpu_seconds(Some(pid))))
+                .collect(),
+        )
+    }
+
+    /// Cores used since the start over `secs`. A backend that ended meanwhile took its
+    /// figures with it and counts zero.
+    fn cores(&self, secs: f64) -> f64 {
+        let used: f64 = self
+            .0
+            .iter()
+            .map(|&(pid, before)| (load::cpu_seconds(Some(pid)) - before).max(0.0))
+            .sum();
+        used / secs
+    }
+}
+
+impl Deployment {
+    fn target(&self) -> &(dyn Target + Sync) {
+        match self {
+            Deployment::Sqlite(server) => server,
+            Deployment::Postgres { cluster, .. } => cluster,
+        }
+    }
+
+    /// The measured process: its pid and base URL.
+    fn server(&self) -> (u32, String) {
+        match self {
+            Deployment::Sqlite(server) => {
+                (server.pid().expect("server pid"), server.proc.base.clone())
+            }
+            Deployment::Postgres { cluster, .. } => {
+                let query = cluster.query.lock();
+                (query.pid().expect("query pid"), query.base.clone())
+            }
+        }
+    }
+
+    /// The Postgres backends serving the store's database now (`None`: no such store):
+    /// the query process's pool, which keeps its connections open, so the same backends
+    /// serve a whole run.
+    fn backends(&self) -> Option<Vec<u32>> {
+        match self {
+            Deployment::Sqlite(_) => None,
+            Deployment::Postgres { db, .. } => Some(
+                db.query(
+                    "SELECT pid FROM pg_stat_activity \
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                )
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect(),
+            ),
+        }
+    }
+
+    /// What the measured process is called in the table.
+    fn process_name(&self) -> &'static str {
+        match self {
+            Deployment::Sqlite(_) => "server",
+            Deployment::Postgres { .. } => "query process",
+        }
+    }
+
+    /// A `BENCH` line's name: Postgres figures are `query_pg_*`, as in bench/dataflow.rs.
+    fn bench_name(&self, name: &str) -> String {
+        match self {
+            Deployment::Sqlite(_) => name.to_owned(),
+            Deployment::Postgres { .. } => name.replacen("query_", "query_pg_", 1),
+        }
+    }
+}
+
+/// `serve` on its own store: catalog through its API, rows written while it is stopped.
+fn start_sqlite(ads: u64, day: u64) -> Deployment {
     let mut server = Server::start_with(
         TestTimes {
             tick_ms: TICK_MS,
@@ -307,10 +429,19 @@ fn main() {
         .terminate(Duration::from_secs(30))
         .expect("server stops on SIGTERM");
     let store_path = server.data_dir().join("store.db");
-    let last_upper = fill(&store_path, ads, day);
+    let store = SqliteStore::open(
+        &store_path,
+        clickagg::views::enabled(&[]),
+        SqliteOptions {
+            read_pool_size: 1,
+            progress_retention_ms: DAY,
+        },
+    )
+    .expect("open store");
+    let last_upper = fill(&store, ads, day);
+    drop(store);
     server.restart();
     server.wait_complete_through(1, last_upper, Duration::from_secs(120));
-    let pid = server.pid().expect("server pid");
     println!(
         "query: clickagg serve (embedded SQLite store, read pool 8), {ads} ads x 1440 minutes = {} ad_clicks rows \
          (dense, day {}), store {} MiB + WAL {} MiB; load average {}",
@@ -320,7 +451,123 @@ fn main() {
         file_mib(&store_path.with_extension("db-wal")),
         load::loadavg()
     );
-    let checked = check_oracle(&server, ads, day, 1);
+    Deployment::Sqlite(server)
+}
+
+/// The config the cluster's processes run with, as they read it (file and environment).
+fn cluster_config(cluster: &Cluster) -> Config {
+    let env = cluster.env();
+    Config::load_with_env(Some(&cluster.config_path), |var| {
+        env.iter().find(|(k, _)| k == var).map(|(_, v)| v.clone())
+    })
+    .expect("the cluster's config loads")
+}
+
+/// Gives the cluster's config the catalog refresh of config/production.toml: the test
+/// cluster reloads the catalog every 500 ms so that tests see price changes soon, a load
+/// on the query process (10,000 ads each time) that production does not carry.
+fn use_production_catalog_refresh(cluster: &Cluster) {
+    let text = std::fs::read_to_string(&cluster.config_path).expect("read the cluster's config");
+    let test = format!("catalog_refresh = \"{}ms\"", CATALOG_REFRESH.as_millis());
+    assert!(
+        text.contains(&test),
+        "the cluster's config has no {test:?}: tests/common/cluster.rs changed"
+    );
+    std::fs::write(
+        &cluster.config_path,
+        text.replace(&test, "catalog_refresh = \"2s\""),
+    )
+    .expect("write the cluster's config");
+}
+
+/// A production cluster on a fresh database: catalog through `query`'s API, rows written
+/// with the worker (the writer) and ingest stopped, then `query` alone started again.
+fn start_postgres(ads: u64, day: u64) -> Deployment {
+    let db = TestDb::create();
+    let cluster = Cluster::start(
+        TestTimes {
+            tick_ms: TICK_MS,
+            ..TestTimes::default()
+        },
+        &db.url(),
+        2,
+    );
+    let started = Instant::now();
+    // The catalog routes are the query role's; the cluster sends them to `query`.
+    create_catalog(&cluster, ads);
+    eprintln!(
+        "  (catalog of {ads} ads in {:.1}s)",
+        started.elapsed().as_secs_f64()
+    );
+    // The worker holds the writer claim the fill needs; ingest would keep reloading the
+    // catalog beside the measured process and is not what this bench measures.
+    for p in cluster.workers.procs.iter().chain([&cluster.ingest]) {
+        let mut p = p.lock();
+        p.terminate(Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("clickagg {} stops on SIGTERM", p.name));
+    }
+    use_production_catalog_refresh(&cluster);
+    let config = cluster_config(&cluster);
+    // Opened as `clickagg worker` opens it (backends::open_store), with a one-connection
+    // pool: only recovery_point uses it.
+    let store = PostgresStore::open(
+        &db.url(),
+        config.views(),
+        PostgresOptions {
+            pool_size: 1,
+            progress_retention_ms: config.horizon_ms(),
+        },
+    )
+    .expect("open the Postgres store");
+    let last_upper = fill(&store, ads, day);
+    drop(store);
+    let settled = Instant::now();
+    // VACUUM refuses to run in a transaction: one statement per psql call.
+    db.query("VACUUM ANALYZE");
+    db.query("CHECKPOINT");
+    eprintln!(
+        "  (vacuum, analyze and checkpoint in {:.1}s)",
+        settled.elapsed().as_secs_f64()
+    );
+    {
+        let mut query = cluster.query.lock();
+        query
+            .terminate(Duration::from_secs(30))
+            .expect("clickagg query stops on SIGTERM");
+        query.start(START_LIMIT);
+    }
+    // No worker advances the frontier: the fill's last commit is the committed one.
+    cluster.wait_complete_through(1, last_upper - TICK_MS, Duration::from_secs(120));
+    let version = db.query("SHOW server_version");
+    println!(
+        "query: clickagg query (Postgres {} store, query pool {}, catalog refresh {:?}), {ads} ads x 1440 minutes = {} \
+         ad_clicks rows (dense, day {}), database {} MiB (vacuumed, analyzed); load average {}",
+        version.split_whitespace().next().unwrap_or("?"),
+        config.store.read_pool_size,
+        config.http.catalog_refresh,
+        ads * 1_440,
+        clickagg::time::rfc3339(day),
+        db.query("SELECT pg_database_size(current_database()) / 1048576"),
+        load::loadavg()
+    );
+    Deployment::Postgres { cluster, db }
+}
+
+fn main() {
+    let rate = env_or("QUERY_RATE", 500) as f64;
+    let secs = env_or("QUERY_SECS", 20) as f64;
+    let ads = env_or("QUERY_ADS", 10_000);
+    let connections = env_or("QUERY_CONNECTIONS", 64) as usize;
+    let threads = env_or("QUERY_CLIENT_THREADS", 1) as usize;
+    let day = now_ms() / DAY * DAY - DAY;
+
+    let store = std::env::var("QUERY_STORE").unwrap_or_else(|_| "sqlite".to_owned());
+    let deployment = match store.as_str() {
+        "sqlite" => start_sqlite(ads, day),
+        "postgres" => start_postgres(ads, day),
+        other => panic!("QUERY_STORE={other:?}: expected sqlite or postgres"),
+    };
+    let checked = check_oracle(deployment.target(), ads, day, 1);
 
     let requests = (rate * secs) as u64;
     let ad_query: Arc<dyn Fn(u64) -> String + Send + Sync> =
@@ -329,7 +576,7 @@ fn main() {
         Arc::new(move |i| advertiser_path(1 + mix(i) % ADVERTISERS, day));
     let open = Pace::Open { rate };
     measure(
-        &server,
+        &deployment,
         "query_ad_1m_24h",
         open,
         requests,
@@ -338,7 +585,7 @@ fn main() {
         Arc::clone(&ad_query),
     );
     measure(
-        &server,
+        &deployment,
         "query_adv_1d_30d",
         open,
         requests,
@@ -347,7 +594,7 @@ fn main() {
         Arc::clone(&advertiser_query),
     );
     measure(
-        &server,
+        &deployment,
         "query_ad_1m_24h_max",
         Pace::Closed,
         3_000,
@@ -356,7 +603,7 @@ fn main() {
         ad_query,
     );
     measure(
-        &server,
+        &deployment,
         "query_adv_1d_30d_max",
         Pace::Closed,
         20_000,
@@ -365,15 +612,20 @@ fn main() {
         advertiser_query,
     );
 
-    let checked = checked + check_oracle(&server, ads, day, 2);
+    let checked = checked + check_oracle(deployment.target(), ads, day, 2);
+    let (pid, _) = deployment.server();
     let (rss, hwm) = (
         load::status_kib(pid, "VmRSS:") / 1024,
         load::status_kib(pid, "VmHWM:") / 1024,
     );
     println!("  oracle: {checked} sampled answers equal the plain sums of the inserted rows");
-    println!("  server RSS {rss} MiB (peak {hwm} MiB)");
     println!(
-        "BENCH name=query_oracle checked={checked} exact=true rows={}",
+        "  {} RSS {rss} MiB (peak {hwm} MiB)",
+        deployment.process_name()
+    );
+    println!(
+        "BENCH name={} checked={checked} exact=true rows={}",
+        deployment.bench_name("query_oracle"),
         ads * 1_440
     );
 }

@@ -401,6 +401,18 @@ fn ensure_view_tables(client: &mut Client, view: &ViewDef) -> Result<(), StoreEr
     check_columns(client, &table, view, &want)?;
 
     if let Some(r) = &view.rollup {
+        // The series the rollups skip (an ad's minutes) are read from this table by key
+        // prefix and window range. The sink writes a minute's rows for every ad together,
+        // so one ad's day lies on 1,440 different heap pages; with the measures in the
+        // index Postgres answers from about 15 index pages instead (EXPLAIN ANALYZE of
+        // a 24 h series: 7.4 ms -> 0.3 ms; `bench/query.rs` with QUERY_STORE=postgres).
+        client
+            .batch_execute(&format!(
+                "CREATE INDEX IF NOT EXISTS {table}_series ON {table} ({}) INCLUDE ({})",
+                keys.join(", "),
+                r.measures.join(", ")
+            ))
+            .map_err(db("create view series index"))?;
         let rollup = view.rollup_table();
         let measures: Vec<String> = r
             .measures
@@ -2023,6 +2035,44 @@ mod tests {
                 (k, Some(v))
             })
             .collect()
+    }
+
+    #[test]
+    fn an_ads_minute_series_is_read_from_the_series_index_alone() {
+        let db = TestDb::new();
+        let _store = db.store();
+        let mut c = db.client();
+        // A day of 200 ads, written minute by minute as the sink writes them, so one ad's
+        // rows are spread over the heap; then the state autovacuum keeps a store in.
+        c.batch_execute(
+            "INSERT INTO v_ad_clicks (ad_id, window_start, campaign_id, advertiser_id, clicks, \
+             fraud_clicks, late_clicks, spend_micros) \
+             SELECT a, m * 60000, a / 10, a / 100, 1, 0, 0, 10 \
+             FROM generate_series(0, 1439) m, generate_series(1, 200) a",
+        )
+        .expect("fill");
+        // On its own: VACUUM cannot run in the implicit transaction of a batch.
+        c.batch_execute("VACUUM ANALYZE v_ad_clicks")
+            .expect("vacuum");
+        let plan: Vec<String> = c
+            .query(
+                &format!("EXPLAIN {}", minute_series_sql(param)),
+                &[&77i64, &0i64, &86_400_000i64],
+            )
+            .expect("explain")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(
+            plan.iter()
+                .any(|l| l.contains("Index Only Scan using v_ad_clicks_series")),
+            "{plan:#?}"
+        );
+        let n = c
+            .query(&minute_series_sql(param), &[&77i64, &0i64, &86_400_000i64])
+            .expect("series")
+            .len();
+        assert_eq!(n, 1_440);
     }
 
     /// Run with `--nocapture` to see the numbers.
