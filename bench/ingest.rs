@@ -138,10 +138,7 @@ impl Phase {
         if let Some(p) = &o.first_problem {
             println!("  {:<22} first problem: {p}", "");
         }
-        let pace_tag = match pace {
-            Pace::Closed => "closed".to_owned(),
-            Pace::Open { rate } => format!("open rate_req_s={rate:.0}"),
-        };
+        let pace_tag = pace.bench_fields();
         println!(
             "BENCH name={} pace={pace_tag} batch={} clicks_per_s={:.0} req_per_s={:.0} p50_ms={p50:.3} p99_ms={p99:.3} max_ms={max:.3} refused={} errors={} unsent={} server_cores={:.2} client_cores={:.2} other_cores={:.2} rss_mib={}",
             self.name,

@@ -300,10 +300,7 @@ fn measure(
     if let Some(p) = &o.first_problem {
         println!("  {:<18} first problem: {p}", "");
     }
-    let pace_tag = match pace {
-        Pace::Closed => "closed".to_owned(),
-        Pace::Open { rate } => format!("open rate_req_s={rate:.0}"),
-    };
+    let pace_tag = pace.bench_fields();
     println!(
         "BENCH name={} pace={pace_tag} req_per_s={:.0} p50_ms={p50:.3} p99_ms={p99:.3} max_ms={max:.3} refused={} errors={} unsent={} server_cores={server_cores:.2}{postgres_field} client_cores={client_cores:.2} other_cores={other_cores:.2}",
         deployment.bench_name(name),

@@ -22,8 +22,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::oracle::{Ad, Measures, Oracle};
-use common::workload::{Driver, Impression, Planned, send_clicks};
-use common::{ADMIN, Server, Target, TestTimes, now_ms, parse_rfc3339};
+use common::workload::{Driver, Impression, Planned, send_clicks, send_verdicts};
+use common::{Server, Target, TestTimes, now_ms, parse_rfc3339};
 use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
 
@@ -272,19 +272,7 @@ fn send_own_clicks(server: &mut Server) -> (String, Oracle, u64) {
         .take(2)
         .map(|(_, imp, ..)| imp.clone())
         .collect();
-    let body: Vec<Value> = flagged
-        .iter()
-        .map(|i| json!({"impression_id": i, "reason": "ml-score"}))
-        .collect();
-    driver.request(
-        reqwest::Method::POST,
-        Some(ADMIN),
-        "/v1/fraud-verdicts",
-        Some(&Value::Array(body)),
-        &[],
-        202,
-    );
-    oracle.verdicts.extend(flagged);
+    send_verdicts(&mut driver, &mut oracle, &flagged);
     (key, oracle, now_ms())
 }
 

@@ -51,6 +51,14 @@ impl Pace {
             Pace::Open { rate } => Duration::from_secs_f64(requests as f64 / rate * 2.0 + 10.0),
         }
     }
+
+    /// The pace as the fields of a machine-readable `BENCH` line.
+    pub fn bench_fields(&self) -> String {
+        match self {
+            Pace::Closed => "closed".to_owned(),
+            Pace::Open { rate } => format!("open rate_req_s={rate:.0}"),
+        }
+    }
 }
 
 impl std::fmt::Display for Pace {

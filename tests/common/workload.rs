@@ -459,7 +459,9 @@ fn send_redirects(
     }
 }
 
-fn send_verdicts(d: &mut Driver, oracle: &mut Oracle, imps: &[String]) {
+/// Sends fraud verdicts for `imps` in batches of 100, each until every verdict is
+/// accepted, and records them in the oracle.
+pub fn send_verdicts(d: &mut Driver, oracle: &mut Oracle, imps: &[String]) {
     for chunk in imps.chunks(100) {
         let body: Vec<Value> = chunk
             .iter()
