@@ -1,7 +1,8 @@
 //! Soak: steady click traffic into `clickagg serve` for a long time with a short horizon,
-//! sampling the server's RSS and the number of updates its arrangements hold. With every
-//! click retracted again at record time + horizon and the arrangements compacting, both
-//! must level off once a horizon of traffic has passed and stay there.
+//! sampling the server's RSS, the number of updates its arrangements hold and the
+//! impressions its dedup holds in place. With every click retracted again at record time +
+//! horizon and the arrangements compacting, all three must level off once a horizon of
+//! traffic has passed and stay there.
 //!
 //! `cargo bench --bench soak`. Knobs: `SOAK_SECS` (default 600), `SOAK_RATE` clicks/s
 //! (default 5000), `SOAK_SAMPLE_SECS` (default 10), `SOAK_WORKERS` (default 2). The
@@ -27,8 +28,8 @@ fn rss_mib(pid: u32) -> f64 {
 }
 
 /// One sample: seconds since the start, RSS, arrangement records, batcher records,
-/// clicks accepted.
-type Sample = (u64, f64, f64, f64, f64);
+/// clicks accepted, impressions in the dedup.
+type Sample = (u64, f64, f64, f64, f64, f64);
 
 fn spread(values: &[f64]) -> (f64, f64, f64) {
     let min = values.iter().copied().fold(f64::INFINITY, f64::min);
@@ -79,8 +80,8 @@ fn main() {
         "soak: {rate} clicks/s for {secs}s into clickagg serve ({workers} workers, horizon 1m 35.4s)"
     );
     println!(
-        "{:>6} {:>10} {:>14} {:>14} {:>12}",
-        "t (s)", "RSS MiB", "arranged", "in batchers", "accepted"
+        "{:>6} {:>10} {:>14} {:>14} {:>12} {:>12}",
+        "t (s)", "RSS MiB", "arranged", "in batchers", "accepted", "dedup"
     );
     let started = Instant::now();
     let mut samples: Vec<Sample> = Vec::new();
@@ -93,10 +94,11 @@ fn main() {
             metric(&text, "clickagg_arrangement_records", ""),
             metric(&text, "clickagg_arrangement_batcher_records", ""),
             metric(&text, "clickagg_clicks_accepted_total", ""),
+            metric(&text, "clickagg_dedup_impressions", ""),
         );
         println!(
-            "{:>6} {:>10.1} {:>14.0} {:>14.0} {:>12.0}",
-            sample.0, sample.1, sample.2, sample.3, sample.4
+            "{:>6} {:>10.1} {:>14.0} {:>14.0} {:>12.0} {:>12.0}",
+            sample.0, sample.1, sample.2, sample.3, sample.4, sample.5
         );
         samples.push(sample);
     }
@@ -112,6 +114,10 @@ fn main() {
     let (arr_min, arr_max, arr_mean) = spread(&steady.iter().map(|s| s.2).collect::<Vec<_>>());
     let rss_dev = (rss_max - rss_mean).max(rss_mean - rss_min) / rss_mean * 100.0;
     let arr_dev = (arr_max - arr_mean).max(arr_mean - arr_min) / arr_mean.max(1.0) * 100.0;
+    let (dedup_min, dedup_max, dedup_mean) =
+        spread(&steady.iter().map(|s| s.5).collect::<Vec<_>>());
+    let dedup_dev =
+        (dedup_max - dedup_mean).max(dedup_mean - dedup_min) / dedup_mean.max(1.0) * 100.0;
     // Per minute: the mean and the peak of the samples. A single sample may catch a large
     // merge in flight (it holds its input and output batches until it completes); the
     // per-minute figures show whether the level itself moves.
@@ -147,5 +153,8 @@ fn main() {
         "  arrangement records: min {arr_min:.0}, max {arr_max:.0}, mean {arr_mean:.0}: within +-{arr_dev:.1}% of the mean, \
          while {:.0} clicks were accepted in that time",
         steady.last().map_or(0.0, |s| s.4) - steady.first().map_or(0.0, |s| s.4)
+    );
+    println!(
+        "  dedup impressions: min {dedup_min:.0}, max {dedup_max:.0}, mean {dedup_mean:.0}: within +-{dedup_dev:.1}% of the mean"
     );
 }

@@ -83,6 +83,9 @@ pub struct Metrics {
     pub committed_frontier_ms: Gauge,
     /// Updates held in the dataflow's arrangements (its state), over all workers.
     pub arrangement_records: Gauge,
+    /// Impressions the dedup holds a counted click for (its state, kept in place rather
+    /// than in an arrangement), over all workers.
+    pub dedup_impressions: Gauge,
     /// Updates waiting in arrangement batchers for their time to come (mostly the
     /// horizon's expiry retractions), over all workers.
     pub arrangement_batcher_records: Gauge,
@@ -131,6 +134,7 @@ impl Metrics {
             committed_frontier_ms: Gauge::default(),
             arrangement_records: Gauge::default(),
             arrangement_batcher_records: Gauge::default(),
+            dedup_impressions: Gauge::default(),
             dataflow_clicks: Counter::default(),
             dedup_dropped: Counter::default(),
             classified_added: Family::default(),
@@ -216,6 +220,11 @@ impl Metrics {
             "arrangement_records",
             "Updates held in the dataflow's arrangements (its state), all workers",
             m.arrangement_records.clone(),
+        );
+        registry.register(
+            "dedup_impressions",
+            "Impressions the dedup holds a counted click for (its state), all workers",
+            m.dedup_impressions.clone(),
         );
         registry.register(
             "arrangement_batcher_records",

@@ -4,7 +4,8 @@
 //! catalog changes over many ticks (with the horizon's retractions, so expiry is
 //! exercised too) go through the real classification and views; at every time, the
 //! accumulated output of each view must equal a plain recomputation from the inputs live
-//! at that time. The oracle below shares no code with the dataflow.
+//! at that time (for the dedup: from the copies that arrived since the impression's last
+//! counted click expired). The oracle below shares no code with the dataflow.
 //!
 //! Verdicts come early (before the click's window is final), late (after it: billing
 //! adjustments) and very late (past the adjustment period), under a short horizon that
@@ -183,12 +184,6 @@ enum Class {
 /// The plain recomputation of every view from what is live at time `t`.
 fn oracle(s: &Scenario, t: u64) -> Vec<BTreeMap<(Row, Row), isize>> {
     let live = |time: u64| time <= t && t < time + s.horizon;
-    let clicks: Vec<Click> = s
-        .clicks
-        .iter()
-        .filter(|c| live(time_of(c.record)))
-        .map(click_of)
-        .collect();
     // The live verdicts of each impression, by arrival: (timely time, record time).
     let mut verdicts: BTreeMap<u128, BTreeSet<(u64, u64)>> = BTreeMap::new();
     for (imp, r) in &s.verdicts {
@@ -205,26 +200,40 @@ fn oracle(s: &Scenario, t: u64) -> Vec<BTreeMap<(Row, Row), isize>> {
         }
     }
 
-    // Dedup: earliest on-time click per impression by (event, click id); else earliest late.
-    let mut by_imp: BTreeMap<u128, Vec<&Click>> = BTreeMap::new();
-    for c in &clicks {
-        by_imp.entry(c.impression_id).or_default().push(c);
+    // Dedup: per impression, the best click by (not on time, event, click id, click) among
+    // the copies that arrived since the impression last had no counted click. A copy that
+    // loses when it arrives is never counted later: when the counted click expires, the
+    // impression has none until its next copy arrives (`src/dataflow/dedup.rs`; the
+    // horizon keeps that out of every window the store keeps).
+    let on_time = |c: &Click| c.record_time_ms - c.event_time_ms <= LATENESS;
+    let rank = |c: &Click| (!on_time(c), c.event_time_ms, c.click_id.clone(), c.clone());
+    let mut arrivals: BTreeMap<u128, BTreeMap<u64, Vec<Click>>> = BTreeMap::new();
+    for c in &s.clicks {
+        if time_of(c.record) <= t {
+            arrivals
+                .entry(c.imp)
+                .or_default()
+                .entry(time_of(c.record))
+                .or_default()
+                .push(click_of(c));
+        }
     }
+    let expired = |c: &Click, at: u64| time_of(c.record_time_ms) + s.horizon <= at;
     let mut winners: Vec<(Click, bool)> = Vec::new();
-    for copies in by_imp.values() {
-        let earliest = |on_time_only: bool| {
-            copies
-                .iter()
-                .filter(|c| !on_time_only || c.record_time_ms - c.event_time_ms <= LATENESS)
-                .min_by(|a, b| {
-                    (a.event_time_ms, &a.click_id, *a).cmp(&(b.event_time_ms, &b.click_id, *b))
-                })
-                .map(|c| (*c).clone())
-        };
-        if let Some(c) = earliest(true) {
-            winners.push((c, true));
-        } else if let Some(c) = earliest(false) {
-            winners.push((c, false));
+    for by_time in arrivals.values() {
+        let mut counted: Option<Click> = None;
+        for (time, copies) in by_time {
+            if counted.as_ref().is_some_and(|w| expired(w, *time)) {
+                counted = None;
+            }
+            counted = counted
+                .into_iter()
+                .chain(copies.iter().cloned())
+                .min_by_key(|c| rank(c));
+        }
+        if let Some(c) = counted.filter(|w| !expired(w, t)) {
+            let on = on_time(&c);
+            winners.push((c, on));
         }
     }
     let mut per_ip_second: HashMap<(IpAddr, u64), u64> = HashMap::new();

@@ -18,11 +18,11 @@ use std::net::IpAddr;
 
 use differential_dataflow::VecCollection;
 use differential_dataflow::operators::ThresholdTotal;
-use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
-use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
+use prometheus_client::metrics::gauge::Gauge;
 use serde::{Deserialize, Serialize};
 use smol_str::SmolStr;
 
+use super::dedup::first_clicks;
 use crate::record::{AdRecord, ClickEvent};
 use crate::time::{Millis, Time};
 use crate::views::{ClassifiedClick, ClickClass};
@@ -119,12 +119,14 @@ pub struct Rules {
 }
 
 /// One classified click per impression that has clicks, and the causes of its fraud.
+/// `dedup_held` tracks the impressions the dedup holds a winner for.
 pub fn classify<'s>(
     clicks: VecCollection<'s, Time, Click>,
     verdicts: VecCollection<'s, Time, Verdict>,
     rules: Rules,
+    dedup_held: Gauge,
 ) -> Classification<'s> {
-    let firsts = first_clicks(clicks, rules.lateness_ms);
+    let firsts = first_clicks(clicks, rules.lateness_ms, dedup_held);
     let on_time = firsts
         .clone()
         .flat_map_ref(|imp, (on_time, c)| on_time.then(|| (*imp, c.clone())));
@@ -171,43 +173,6 @@ fn first_verdicts<'s>(
                 out.push((**first, 1));
             }
         })
-}
-
-/// The dedup's output: per impression the click that counts and whether it was on time,
-/// arranged by impression.
-pub type FirstClicks<'s> = Arranged<'s, TraceAgent<ValSpine<u128, (bool, Click), Time, isize>>>;
-
-/// Per impression, the click that counts, and whether it was on time: the dedup.
-pub fn first_clicks<'s>(
-    clicks: VecCollection<'s, Time, Click>,
-    lateness_ms: u64,
-) -> FirstClicks<'s> {
-    clicks
-        .map(|c| (c.impression_id, c))
-        .arrange_by_key_named("Arrange: Dedup")
-        .reduce_abelian::<_, ValBuilder<_, _, _, _>, ValSpine<_, _, _, _>, _, _>(
-            "Dedup",
-            move |_imp, copies: &[(&Click, isize)], out| {
-                let earliest = |on_time_only: bool| {
-                    copies
-                        .iter()
-                        .map(|(c, _)| *c)
-                        .filter(|c| !on_time_only || c.on_time(lateness_ms))
-                        .min_by(|a, b| {
-                            (a.event_time_ms, &a.click_id).cmp(&(b.event_time_ms, &b.click_id))
-                        })
-                };
-                if let Some(c) = earliest(true) {
-                    out.push(((true, c.clone()), 1));
-                } else if let Some(c) = earliest(false) {
-                    out.push(((false, c.clone()), 1));
-                }
-            },
-            |batch: &mut Vec<_>, imp: &u128, updates: &mut Vec<_>| {
-                batch.clear();
-                batch.extend(updates.drain(..).map(|(v, t, r)| ((*imp, v), t, r)));
-            },
-        )
 }
 
 /// Impressions whose counted click shares its IP and second with more than `max` others'.

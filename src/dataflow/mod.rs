@@ -2,6 +2,7 @@
 
 pub mod arrangements;
 pub mod classify;
+pub mod dedup;
 pub mod harness;
 pub mod sink;
 pub mod source;
@@ -12,6 +13,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use differential_dataflow::{AsCollection, VecCollection};
+use prometheus_client::metrics::gauge::Gauge;
 use timely::communication::WorkerGuards;
 use timely::dataflow::operators::Probe;
 
@@ -26,11 +28,13 @@ use crate::store::{RecoveryPoint, Store};
 use crate::time::{Finality, Tick, Time};
 use crate::views::{ViewDef, ViewInputs};
 
-/// The inputs every view reads, built from the source's events.
+/// The inputs every view reads, built from the source's events. `dedup_held` tracks the
+/// impressions the dedup holds a winner for.
 pub fn view_inputs<'s>(
     events: VecCollection<'s, Time, SourceEvent>,
     rules: Rules,
     finality: Finality,
+    dedup_held: Gauge,
 ) -> ViewInputs<'s> {
     let clicks = events.clone().flat_map(|e| match e {
         SourceEvent::Click(c) => Some(c),
@@ -44,7 +48,7 @@ pub fn view_inputs<'s>(
         SourceEvent::Ad(offset, record) => Some((offset, record)),
         _ => None,
     });
-    let classification = classify(clicks, verdicts, rules);
+    let classification = classify(clicks, verdicts, rules, dedup_held);
     ViewInputs {
         classified: classification.classified,
         first_verdicts: classification.first_verdicts,
@@ -295,12 +299,13 @@ impl Engine {
                 status: Arc::clone(&sink_status),
             };
             let (rules, finality) = (spec.rules, spec.finality);
+            let dedup_held = metrics.dedup_impressions.clone();
             arrangements::report_sizes(worker, &metrics);
             worker.dataflow::<Time, _, _>(move |scope| {
                 // The sink's input frontier paces the source (see `source::MAX_STEP`).
                 let done = timely::dataflow::ProbeHandle::new();
                 let events = log_source(scope, source_spec, done.clone());
-                let inputs = view_inputs(events.clone(), rules, finality);
+                let inputs = view_inputs(events.clone(), rules, finality, dedup_held);
                 let records = view_records(&inputs, views).concat(position_records(events));
                 let records = records.inner.probe_with(&done).as_collection();
                 click_sink(records, sink_spec);

@@ -1,0 +1,393 @@
+//! The dedup: per impression, the click that counts, kept in place.
+//!
+//! A `reduce` would keep every live copy of every click twice: once in its input
+//! arrangement and once, for the winner, in its output. The input arrangement is the
+//! largest state of the dataflow, and differential rewrites its biggest batch about once
+//! a horizon, holding both inputs and the output while it merges; that is the sawtooth the
+//! soak benchmark measured in RSS. The dedup needs far less: the winner of each
+//! impression and how many identical copies of it are live. So it keeps that in a hash
+//! map, updated in place as times complete, the way Materialize's upsert operator keeps
+//! its state, and emits the winner's changes as a collection.
+//!
+//! What it forgets are the losers. A `reduce` promotes the next-best live copy when the
+//! winner expires; this operator drops the impression instead. The horizon makes the two
+//! the same wherever the sink can see it: a winner expires a horizon after its record
+//! time, when every window a copy of its impression could count in is final (the copies of
+//! one impression arrive within one TTL, and `horizon >= 2 x TTL + correction + window`,
+//! see `docs/design-notes.md`), and the sink stores no change to a final window.
+
+use std::collections::BTreeMap;
+use std::hash::BuildHasher;
+
+use differential_dataflow::VecCollection;
+use differential_dataflow::hashable::Hashable;
+use differential_dataflow::operators::arrange::arrangement::arrange_core;
+use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
+use differential_dataflow::trace::implementations::{ValBatcher, ValSpine};
+use hashbrown::{DefaultHashBuilder, HashTable};
+use prometheus_client::metrics::gauge::Gauge;
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::Capability;
+use timely::dataflow::operators::generic::Operator;
+
+use super::classify::Click;
+use crate::time::Time;
+
+/// The dedup's output: per impression the click that counts and whether it was on time,
+/// arranged by impression.
+pub type FirstClicks<'s> = Arranged<'s, TraceAgent<ValSpine<u128, (bool, Click), Time, isize>>>;
+
+/// One change of an impression's winner: `((impression, (on time, click)), time, diff)`.
+pub type WinnerUpdate = ((u128, (bool, Click)), Time, isize);
+
+/// Where an impression's winner is, and how many identical copies of it are live.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    at: u32,
+    copies: u32,
+}
+
+/// Whether `(a, a_on_time)` beats `(b, b_on_time)`: on time before late, then the earliest
+/// event time, then the smallest click id. The last resort, the whole click, makes the
+/// order total, so the winner never depends on arrival order.
+fn beats(a: &Click, a_on_time: bool, b: &Click, b_on_time: bool) -> bool {
+    (!a_on_time, a.event_time_ms, &a.click_id, a) < (!b_on_time, b.event_time_ms, &b.click_id, b)
+}
+
+/// The winners of the impressions one worker owns.
+///
+/// The clicks sit densely in one vector (a removal moves the last one into the gap) and
+/// a hash table of 8-byte slots finds them by impression: about 128 bytes of click and
+/// 8 to 18 bytes of table per impression, with no per-entry allocation and no batch to
+/// merge. Whether a winner is on time is not stored; it follows from the click.
+#[derive(Debug, Default)]
+pub struct Winners {
+    lateness_ms: u64,
+    hasher: DefaultHashBuilder,
+    slots: HashTable<Slot>,
+    clicks: Vec<Click>,
+}
+
+impl Winners {
+    /// No winners yet; clicks later than `lateness_ms` are late.
+    pub fn new(lateness_ms: u64) -> Winners {
+        Winners {
+            lateness_ms,
+            ..Winners::default()
+        }
+    }
+
+    /// How many impressions have a winner.
+    pub fn len(&self) -> usize {
+        self.clicks.len()
+    }
+
+    /// Whether no impression has a winner.
+    pub fn is_empty(&self) -> bool {
+        self.clicks.is_empty()
+    }
+
+    /// Applies the clicks (`+`) and expiries (`-`) of one completed time and hands each
+    /// change of a winner to `emit`. Expiries go first: a click that arrives in the tick
+    /// its impression's winner expires then starts the impression afresh.
+    pub fn apply(
+        &mut self,
+        time: Time,
+        updates: &mut [(Click, isize)],
+        mut emit: impl FnMut(WinnerUpdate),
+    ) {
+        updates.sort_unstable_by_key(|(_, diff)| *diff);
+        for (click, diff) in updates.iter() {
+            let copies = u32::try_from(diff.unsigned_abs()).unwrap_or(u32::MAX);
+            if *diff < 0 {
+                self.expire(time, click, copies, &mut emit);
+            } else if *diff > 0 {
+                self.insert(time, click, copies, &mut emit);
+            }
+        }
+    }
+
+    fn output(&self, click: &Click) -> (u128, (bool, Click)) {
+        (
+            click.impression_id,
+            (click.on_time(self.lateness_ms), click.clone()),
+        )
+    }
+
+    fn insert(
+        &mut self,
+        time: Time,
+        click: &Click,
+        copies: u32,
+        emit: &mut impl FnMut(WinnerUpdate),
+    ) {
+        let imp = click.impression_id;
+        let hash = self.hasher.hash_one(imp);
+        let Winners {
+            slots,
+            clicks,
+            hasher,
+            lateness_ms,
+        } = self;
+        let Some(slot) = slots.find_mut(hash, |s| clicks[s.at as usize].impression_id == imp)
+        else {
+            let at = u32::try_from(clicks.len()).unwrap_or(u32::MAX);
+            clicks.push(click.clone());
+            slots.insert_unique(hash, Slot { at, copies }, |s| {
+                hasher.hash_one(clicks[s.at as usize].impression_id)
+            });
+            emit((self.output(click), time, 1));
+            return;
+        };
+        let winner = &mut clicks[slot.at as usize];
+        if *winner == *click {
+            slot.copies = slot.copies.saturating_add(copies);
+        } else if beats(
+            click,
+            click.on_time(*lateness_ms),
+            winner,
+            winner.on_time(*lateness_ms),
+        ) {
+            let old = std::mem::replace(winner, click.clone());
+            slot.copies = copies;
+            emit((self.output(&old), time, -1));
+            emit((self.output(click), time, 1));
+        }
+    }
+
+    fn expire(
+        &mut self,
+        time: Time,
+        click: &Click,
+        copies: u32,
+        emit: &mut impl FnMut(WinnerUpdate),
+    ) {
+        let imp = click.impression_id;
+        let hash = self.hasher.hash_one(imp);
+        let Winners {
+            slots,
+            clicks,
+            hasher,
+            ..
+        } = self;
+        // Only the winner's own copies matter: a loser leaves nothing behind.
+        let Ok(mut entry) = slots.find_entry(hash, |s| clicks[s.at as usize].impression_id == imp)
+        else {
+            return;
+        };
+        let slot = entry.get_mut();
+        if clicks[slot.at as usize] != *click {
+            return;
+        }
+        slot.copies = slot.copies.saturating_sub(copies);
+        if slot.copies > 0 {
+            return;
+        }
+        let at = entry.remove().0.at as usize;
+        let old = clicks.swap_remove(at);
+        if let Some(moved) = clicks.get(at) {
+            // The last click now sits at `at`: point its slot there.
+            let last = clicks.len() as u32;
+            if let Some(s) = slots.find_mut(hasher.hash_one(moved.impression_id), |s| s.at == last)
+            {
+                s.at = at as u32;
+            }
+        }
+        emit((self.output(&old), time, -1));
+    }
+}
+
+/// Per impression, the click that counts, and whether it was on time: the dedup.
+/// `held` tracks how many impressions this worker's dedup holds a winner for.
+pub fn first_clicks<'s>(
+    clicks: VecCollection<'s, Time, Click>,
+    lateness_ms: u64,
+    held: Gauge,
+) -> FirstClicks<'s> {
+    // The same hash as differential's arrangements by impression, so the winners are
+    // arranged where the other arrangements keyed by impression (the join) expect them.
+    let by_impression = Exchange::new(|(c, _, _): &(Click, Time, isize)| c.impression_id.hashed());
+    let winners = clicks
+        .inner
+        .unary_frontier::<CapacityContainerBuilder<Vec<WinnerUpdate>>, _, _, _>(
+            by_impression,
+            "Dedup",
+            move |_capability, _info| {
+                let mut winners = Winners::new(lateness_ms);
+                // Updates by their own time, until the input frontier passes it.
+                let mut pending: BTreeMap<Time, Vec<(Click, isize)>> = BTreeMap::new();
+                // At or before the earliest pending time.
+                let mut capability: Option<Capability<Time>> = None;
+                let mut reported = 0i64;
+                move |(input, frontier), output| {
+                    input.for_each(|cap, data| {
+                        if let Some(least) = cap.least()
+                            && capability.as_ref().is_none_or(|c| least < c.time())
+                        {
+                            capability = cap.retain_least(0);
+                        }
+                        for (click, time, diff) in data.drain(..) {
+                            pending.entry(time).or_default().push((click, diff));
+                        }
+                    });
+                    let Some(held_at) = capability.as_mut() else {
+                        return;
+                    };
+                    while let Some(entry) = pending.first_entry()
+                        && !frontier.less_equal(entry.key())
+                    {
+                        let (time, mut updates) = entry.remove_entry();
+                        let at = held_at.delayed(&time);
+                        let mut session = output.session(&at);
+                        winners.apply(time, &mut updates, |update| session.give(update));
+                    }
+                    match pending.first_key_value() {
+                        Some((next, _)) => held_at.downgrade(next),
+                        None => capability = None,
+                    }
+                    let now = winners.len() as i64;
+                    held.inc_by(now - reported);
+                    reported = now;
+                }
+            },
+        );
+    // Already partitioned by impression: arranging needs no second exchange.
+    arrange_core::<_, _, ValBatcher<u128, (bool, Click), Time, isize>, ValSpine<_, _, _, _>>(
+        winners,
+        Pipeline,
+        "Arrange: Dedup",
+        ValBatcher::new,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use smol_str::SmolStr;
+
+    use super::*;
+
+    fn click(imp: u128, event: u64, record: u64, id: &str) -> Click {
+        Click {
+            impression_id: imp,
+            ad_id: 7,
+            event_time_ms: event,
+            record_time_ms: record,
+            click_id: SmolStr::from(id),
+            user_id: SmolStr::from("u"),
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            cpc_micros: 1,
+        }
+    }
+
+    fn apply(
+        w: &mut Winners,
+        time: Time,
+        updates: &[(Click, isize)],
+    ) -> Vec<(bool, String, isize)> {
+        let mut out = Vec::new();
+        w.apply(time, &mut updates.to_vec(), |((_, (on, c)), t, d)| {
+            assert_eq!(t, time);
+            out.push((on, c.click_id.to_string(), d));
+        });
+        out
+    }
+
+    #[test]
+    fn an_earlier_copy_takes_over_and_a_later_one_is_dropped() {
+        let mut w = Winners::new(1_000);
+        assert_eq!(
+            apply(&mut w, 10, &[(click(1, 500, 600, "b"), 1)]),
+            [(true, "b".into(), 1)]
+        );
+        assert_eq!(apply(&mut w, 20, &[(click(1, 700, 800, "c"), 1)]), []);
+        assert_eq!(
+            apply(&mut w, 30, &[(click(1, 400, 900, "a"), 1)]),
+            [(true, "b".into(), -1), (true, "a".into(), 1)]
+        );
+        assert_eq!(w.len(), 1);
+    }
+
+    #[test]
+    fn equal_event_times_go_to_the_smaller_click_id() {
+        let mut w = Winners::new(1_000);
+        apply(&mut w, 10, &[(click(1, 500, 600, "y"), 1)]);
+        assert_eq!(
+            apply(&mut w, 20, &[(click(1, 500, 700, "x"), 1)]),
+            [(true, "y".into(), -1), (true, "x".into(), 1)]
+        );
+        assert_eq!(apply(&mut w, 30, &[(click(1, 500, 800, "z"), 1)]), []);
+    }
+
+    #[test]
+    fn an_on_time_copy_beats_an_earlier_late_one() {
+        let mut w = Winners::new(1_000);
+        assert_eq!(
+            apply(&mut w, 10, &[(click(1, 100, 5_000, "a"), 1)]),
+            [(false, "a".into(), 1)]
+        );
+        assert_eq!(
+            apply(&mut w, 20, &[(click(1, 4_500, 5_100, "b"), 1)]),
+            [(false, "a".into(), -1), (true, "b".into(), 1)]
+        );
+    }
+
+    #[test]
+    fn only_the_winners_expiry_removes_the_impression() {
+        let mut w = Winners::new(1_000);
+        let (first, second) = (click(1, 500, 600, "a"), click(1, 700, 800, "b"));
+        apply(&mut w, 10, &[(first.clone(), 1), (second.clone(), 1)]);
+        assert_eq!(apply(&mut w, 90, &[(second, -1)]), []);
+        assert_eq!(w.len(), 1);
+        assert_eq!(apply(&mut w, 100, &[(first, -1)]), [(true, "a".into(), -1)]);
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn identical_copies_leave_with_their_last_expiry() {
+        let mut w = Winners::new(1_000);
+        let c = click(1, 500, 600, "a");
+        apply(&mut w, 10, &[(c.clone(), 1), (c.clone(), 1)]);
+        assert_eq!(apply(&mut w, 90, &[(c.clone(), -1)]), []);
+        assert_eq!(apply(&mut w, 91, &[(c, -1)]), [(true, "a".into(), -1)]);
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn a_click_in_the_tick_its_winner_expires_starts_afresh() {
+        let mut w = Winners::new(1_000);
+        let (old, new) = (click(1, 100, 200, "a"), click(1, 5_000, 5_200, "b"));
+        apply(&mut w, 10, &[(old.clone(), 1)]);
+        assert_eq!(
+            apply(&mut w, 90, &[(new, 1), (old, -1)]),
+            [(true, "a".into(), -1), (true, "b".into(), 1)]
+        );
+    }
+
+    #[test]
+    fn the_winner_moved_into_a_removed_ones_place_is_still_found() {
+        let mut w = Winners::new(1_000);
+        let (a, b, c) = (
+            click(1, 500, 600, "a"),
+            click(2, 500, 600, "b"),
+            click(3, 500, 600, "c"),
+        );
+        apply(&mut w, 10, &[(a.clone(), 1), (b, 1), (c.clone(), 1)]);
+        assert_eq!(apply(&mut w, 90, &[(a, -1)]), [(true, "a".into(), -1)]);
+        // Impression 3's click took impression 1's place: a better copy and its expiry
+        // must still find it.
+        let better = click(3, 400, 700, "c0");
+        assert_eq!(
+            apply(&mut w, 91, &[(better.clone(), 1)]),
+            [(true, "c".into(), -1), (true, "c0".into(), 1)]
+        );
+        assert_eq!(apply(&mut w, 92, &[(c, -1)]), []);
+        assert_eq!(
+            apply(&mut w, 93, &[(better, -1)]),
+            [(true, "c0".into(), -1)]
+        );
+        assert_eq!(w.len(), 1);
+    }
+}
