@@ -11,8 +11,9 @@
 //! fresh worker:
 //!
 //! - `dedup`: only the dedup (`dedup::first_clicks`): the winner per impression it keeps in
-//!   place, and the arrangement of those winners that the fraud join reads. This is "state
-//!   per live impression in the dedup arrangement" of the benchmark issue (target <= 64 B).
+//!   place (the fraud join reads the same winners; there is no arrangement of them). This
+//!   is "state per live impression in the dedup arrangement" of the benchmark issue
+//!   (target <= 64 B).
 //! - `pipeline`: everything the engine builds between source and sink: dedup, late and
 //!   fraud classification, and every registered view.
 //!
@@ -32,7 +33,6 @@ use clickagg::dataflow::source::SourceEvent;
 use clickagg::record::ClickEvent;
 use clickagg::time::{Finality, Time};
 use differential_dataflow::input::Input;
-use differential_dataflow::trace::TraceReader;
 use timely::dataflow::ProbeHandle;
 use timely::dataflow::operators::Probe;
 
@@ -140,7 +140,7 @@ fn measure(pipeline: bool, impressions: u64) -> (isize, f64) {
             ttl_ms: TTL,
             correction_ms: 1_800_000,
         };
-        let (mut session, mut winners) = worker.dataflow::<Time, _, _>(|scope| {
+        let mut session = worker.dataflow::<Time, _, _>(|scope| {
             let (session, events) = scope.new_collection::<SourceEvent, isize>();
             if pipeline {
                 let inputs =
@@ -148,17 +148,17 @@ fn measure(pipeline: bool, impressions: u64) -> (isize, f64) {
                 clickagg::dataflow::view_records(&inputs, clickagg::views::registry())
                     .inner
                     .probe_with(&probe);
-                (session, None)
             } else {
                 let clicks = events.flat_map(|e| match e {
                     SourceEvent::Click(c) => Some(c),
                     _ => None,
                 });
-                let firsts = first_clicks(clicks, rules.lateness_ms, Default::default());
-                firsts.stream.probe_with(&probe);
-                // The fraud join reads the winners' arrangement: hold it, as the join does.
-                (session, Some(firsts.trace))
+                first_clicks(clicks, rules.lateness_ms, Default::default())
+                    .changes
+                    .inner
+                    .probe_with(&probe);
             }
+            session
         });
         session.advance_to(T0);
         session.flush();
@@ -191,19 +191,12 @@ fn measure(pipeline: bool, impressions: u64) -> (isize, f64) {
             worker.step();
         }
         // Let idle merging finish, as a live worker would between ticks.
-        // Let the winners' reader compact the arrangement as the join would.
-        if let Some(trace) = winners.as_mut() {
-            let frontier = timely::progress::Antichain::from_elem(last + TICK);
-            trace.set_logical_compaction(frontier.borrow());
-            trace.set_physical_compaction(frontier.borrow());
-        }
         // Enough steps for the largest merge in flight to finish.
         for _ in 0..workload::env_u64("STATE_IDLE_STEPS", 3_000) {
             worker.step();
         }
         let held = live() - baseline;
         let _ = tx.send((held, started.elapsed().as_secs_f64()));
-        drop(winners);
         // Drop the dataflow rather than run it to completion.
         for dataflow in worker.installed_dataflows() {
             worker.drop_dataflow(dataflow);

@@ -128,11 +128,13 @@ pub fn classify<'s>(
 ) -> Classification<'s> {
     let firsts = first_clicks(clicks, rules.lateness_ms, dedup_held);
     let on_time = firsts
+        .changes
         .clone()
-        .flat_map_ref(|imp, (on_time, c)| on_time.then(|| (*imp, c.clone())));
+        .flat_map(|(imp, (on_time, c))| on_time.then_some((imp, c)));
     let late = firsts
+        .changes
         .clone()
-        .flat_map_ref(|_, (on_time, c)| (!on_time).then(|| c.clone().classified(ClickClass::Late)));
+        .flat_map(|(_, (on_time, c))| (!on_time).then(|| c.classified(ClickClass::Late)));
 
     let first_verdicts = first_verdicts(verdicts);
     let burst_flagged = ip_bursts(on_time.clone(), rules.max_clicks_per_ip_per_second);
@@ -141,13 +143,10 @@ pub fn classify<'s>(
         .map(|(imp, _)| imp)
         .concat(burst_flagged.clone())
         .distinct_total();
-    // One join for both classes, against the dedup's own output arrangement: a semijoin or
-    // antijoin of `on_time` would arrange a full click per impression once more. Billable
-    // is on time minus flagged, as a difference; it consolidates downstream like any
-    // collection.
-    let flagged_on_time = firsts.join_core(flagged.arrange_by_self(), |imp, (on_time, c), ()| {
-        on_time.then(|| (*imp, c.clone()))
-    });
+    // One join for both classes, against the dedup's winners in place: no arrangement of
+    // full clicks at all. Billable is on time minus flagged, as a difference; it
+    // consolidates downstream like any collection.
+    let flagged_on_time = firsts.flagged_on_time(flagged);
     let fraud = flagged_on_time
         .clone()
         .map(|(_, c)| c.classified(ClickClass::Fraud));

@@ -16,27 +16,31 @@
 //! one impression arrive within one TTL, and `horizon >= 2 x TTL + correction + window`,
 //! see `docs/design-notes.md`), and the sink stores no change to a final window.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
+use std::rc::Rc;
 
-use differential_dataflow::VecCollection;
 use differential_dataflow::hashable::Hashable;
-use differential_dataflow::operators::arrange::arrangement::arrange_core;
-use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
-use differential_dataflow::trace::implementations::{ValBatcher, ValSpine};
+use differential_dataflow::{AsCollection, VecCollection};
 use hashbrown::{DefaultHashBuilder, HashTable};
 use prometheus_client::metrics::gauge::Gauge;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
-use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::{Capability, InputCapability};
 
 use super::classify::Click;
 use crate::time::Time;
 
 /// The dedup's output: per impression the click that counts and whether it was on time,
-/// arranged by impression.
-pub type FirstClicks<'s> = Arranged<'s, TraceAgent<ValSpine<u128, (bool, Click), Time, isize>>>;
+/// as changes, and the winners themselves, which [`FirstClicks::flagged_on_time`] reads in
+/// place of an arrangement.
+pub struct FirstClicks<'s> {
+    /// `(impression, (on time, click))` for each impression's winner.
+    pub changes: VecCollection<'s, Time, (u128, (bool, Click))>,
+    winners: Rc<RefCell<Winners>>,
+}
 
 /// One change of an impression's winner: `((impression, (on time, click)), time, diff)`.
 pub type WinnerUpdate = ((u128, (bool, Click)), Time, isize);
@@ -86,6 +90,17 @@ impl Winners {
     /// Whether no impression has a winner.
     pub fn is_empty(&self) -> bool {
         self.clicks.is_empty()
+    }
+
+    /// The winner of `imp` and whether it was on time.
+    pub fn get(&self, imp: u128) -> Option<(bool, &Click)> {
+        let hash = self.hasher.hash_one(imp);
+        self.slots
+            .find(hash, |s| self.clicks[s.at as usize].impression_id == imp)
+            .map(|s| {
+                let click = &self.clicks[s.at as usize];
+                (click.on_time(self.lateness_ms), click)
+            })
     }
 
     /// Applies the clicks (`+`) and expiries (`-`) of one completed time and hands each
@@ -198,6 +213,15 @@ impl Winners {
     }
 }
 
+/// Holds `capability` at or before the least time of a message received under `cap`.
+fn hold(capability: &mut Option<Capability<Time>>, cap: &InputCapability<Time>) {
+    if let Some(least) = cap.least()
+        && capability.as_ref().is_none_or(|c| least < c.time())
+    {
+        *capability = cap.retain_least(0);
+    }
+}
+
 /// Per impression, the click that counts, and whether it was on time: the dedup.
 /// `held` tracks how many impressions this worker's dedup holds a winner for.
 pub fn first_clicks<'s>(
@@ -205,16 +229,17 @@ pub fn first_clicks<'s>(
     lateness_ms: u64,
     held: Gauge,
 ) -> FirstClicks<'s> {
-    // The same hash as differential's arrangements by impression, so the winners are
-    // arranged where the other arrangements keyed by impression (the join) expect them.
+    let winners = Rc::new(RefCell::new(Winners::new(lateness_ms)));
+    let state = Rc::clone(&winners);
+    // The same hash as differential's exchanges by impression, so the flags the fraud
+    // join receives come to the worker that holds their impression's winner.
     let by_impression = Exchange::new(|(c, _, _): &(Click, Time, isize)| c.impression_id.hashed());
-    let winners = clicks
+    let changes = clicks
         .inner
         .unary_frontier::<CapacityContainerBuilder<Vec<WinnerUpdate>>, _, _, _>(
             by_impression,
             "Dedup",
             move |_capability, _info| {
-                let mut winners = Winners::new(lateness_ms);
                 // Updates by their own time, until the input frontier passes it.
                 let mut pending: BTreeMap<Time, Vec<(Click, isize)>> = BTreeMap::new();
                 // At or before the earliest pending time.
@@ -222,11 +247,7 @@ pub fn first_clicks<'s>(
                 let mut reported = 0i64;
                 move |(input, frontier), output| {
                     input.for_each(|cap, data| {
-                        if let Some(least) = cap.least()
-                            && capability.as_ref().is_none_or(|c| least < c.time())
-                        {
-                            capability = cap.retain_least(0);
-                        }
+                        hold(&mut capability, &cap);
                         for (click, time, diff) in data.drain(..) {
                             pending.entry(time).or_default().push((click, diff));
                         }
@@ -234,6 +255,7 @@ pub fn first_clicks<'s>(
                     let Some(held_at) = capability.as_mut() else {
                         return;
                     };
+                    let mut winners = state.borrow_mut();
                     while let Some(entry) = pending.first_entry()
                         && !frontier.less_equal(entry.key())
                     {
@@ -251,14 +273,138 @@ pub fn first_clicks<'s>(
                     reported = now;
                 }
             },
-        );
-    // Already partitioned by impression: arranging needs no second exchange.
-    arrange_core::<_, _, ValBatcher<u128, (bool, Click), Time, isize>, ValSpine<_, _, _, _>>(
-        winners,
-        Pipeline,
-        "Arrange: Dedup",
-        ValBatcher::new,
-    )
+        )
+        .as_collection();
+    FirstClicks { changes, winners }
+}
+
+/// Changes of winners a fraud join has received but not yet applied, by time.
+type Stash = BTreeMap<Time, Vec<((u128, (bool, Click)), isize)>>;
+
+/// The earliest time either stash holds.
+fn earliest<A, B>(changes: &BTreeMap<Time, A>, flags: &BTreeMap<Time, B>) -> Option<Time> {
+    changes
+        .keys()
+        .next()
+        .into_iter()
+        .chain(flags.keys().next())
+        .min()
+        .copied()
+}
+
+/// The winners of `imps` as of the time before the `later` changes: the dedup's winners
+/// now, with the changes of later times undone, the last first.
+fn winners_before(
+    winners: &Winners,
+    later: &Stash,
+    imps: impl Iterator<Item = u128>,
+) -> HashMap<u128, Option<(bool, Click)>> {
+    let mut at: HashMap<u128, Option<(bool, Click)>> = imps
+        .map(|imp| (imp, winners.get(imp).map(|(on, c)| (on, c.clone()))))
+        .collect();
+    for ((imp, (on_time, click)), diff) in later.values().flat_map(|v| v.iter()).rev() {
+        if let Some(winner) = at.get_mut(imp) {
+            *winner = (*diff < 0).then(|| (*on_time, click.clone()));
+        }
+    }
+    at
+}
+
+impl<'s> FirstClicks<'s> {
+    /// The on-time winners of the impressions in `flagged`: the fraud join, a differential
+    /// join (`Δwinners x flagged + winners' x Δflagged`) that reads the dedup's winners in
+    /// place instead of an arrangement of them.
+    ///
+    /// It runs on the worker that holds the winners, after the dedup in each of its
+    /// activations, so the dedup's map is ahead of the time being joined by exactly the
+    /// changes this operator has received and not yet applied; undoing those gives the
+    /// winners as of that time.
+    pub fn flagged_on_time(
+        &self,
+        flagged: VecCollection<'s, Time, u128>,
+    ) -> VecCollection<'s, Time, (u128, Click)> {
+        let winners = Rc::clone(&self.winners);
+        let by_impression = Exchange::new(|(imp, _, _): &(u128, Time, isize)| imp.hashed());
+        type Out = ((u128, Click), Time, isize);
+        self.changes
+            .inner
+            .clone()
+            .binary_frontier::<_, CapacityContainerBuilder<Vec<Out>>, _, _, _, _>(
+                flagged.inner,
+                Pipeline,
+                by_impression,
+                "FraudJoin",
+                move |_capability, _info| {
+                    let mut changes: Stash = BTreeMap::new();
+                    let mut flags: BTreeMap<Time, Vec<(u128, isize)>> = BTreeMap::new();
+                    let mut flagged: HashMap<u128, isize> = HashMap::new();
+                    let mut capability: Option<Capability<Time>> = None;
+                    move |(input1, frontier1), (input2, frontier2), output| {
+                        input1.for_each(|cap, data| {
+                            hold(&mut capability, &cap);
+                            for (change, time, diff) in data.drain(..) {
+                                changes.entry(time).or_default().push((change, diff));
+                            }
+                        });
+                        input2.for_each(|cap, data| {
+                            hold(&mut capability, &cap);
+                            for (imp, time, diff) in data.drain(..) {
+                                flags.entry(time).or_default().push((imp, diff));
+                            }
+                        });
+                        let Some(held_at) = capability.as_mut() else {
+                            return;
+                        };
+                        let complete =
+                            |t: &Time| !frontier1.less_equal(t) && !frontier2.less_equal(t);
+                        loop {
+                            let Some(next) = earliest(&changes, &flags) else {
+                                break;
+                            };
+                            if !complete(&next) {
+                                break;
+                            }
+                            let at = held_at.delayed(&next);
+                            let mut session = output.session(&at);
+                            // New winners against the flags before this time.
+                            for ((imp, (on_time, click)), diff) in
+                                changes.remove(&next).unwrap_or_default()
+                            {
+                                if let Some(n) = flagged.get(&imp).filter(|_| on_time) {
+                                    session.give(((imp, click), next, diff * *n));
+                                }
+                            }
+                            // New flags against the winners as of this time.
+                            let mut delta: HashMap<u128, isize> = HashMap::new();
+                            for (imp, diff) in flags.remove(&next).unwrap_or_default() {
+                                *delta.entry(imp).or_default() += diff;
+                            }
+                            delta.retain(|_, d| *d != 0);
+                            if delta.is_empty() {
+                                continue;
+                            }
+                            let current =
+                                winners_before(&winners.borrow(), &changes, delta.keys().copied());
+                            for (imp, diff) in delta {
+                                if let Some(Some((true, click))) = current.get(&imp) {
+                                    session.give(((imp, click.clone()), next, diff));
+                                }
+                                let n = flagged.entry(imp).or_default();
+                                *n += diff;
+                                if *n == 0 {
+                                    flagged.remove(&imp);
+                                }
+                            }
+                        }
+                        match earliest(&changes, &flags) {
+                            Some(t) => held_at.downgrade(&t),
+                            None => capability = None,
+                        }
+                    }
+                },
+            )
+            .as_collection()
+    }
 }
 
 #[cfg(test)]
