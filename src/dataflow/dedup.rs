@@ -7,7 +7,9 @@
 //! soak benchmark measured in RSS. The dedup needs far less: the winner of each
 //! impression and how many identical copies of it are live. So it keeps that in a hash
 //! map, updated in place as times complete, the way Materialize's upsert operator keeps
-//! its state, and emits the winner's changes as a collection.
+//! its state, and emits the winner's changes as a collection. The fraud join
+//! ([`FirstClicks::flagged_on_time`]) reads the same map, so no arrangement holds the
+//! winners either.
 //!
 //! What it forgets are the losers. A `reduce` promotes the next-best live copy when the
 //! winner expires; this operator drops the impression instead. The horizon makes the two
@@ -357,13 +359,9 @@ impl<'s> FirstClicks<'s> {
                         };
                         let complete =
                             |t: &Time| !frontier1.less_equal(t) && !frontier2.less_equal(t);
-                        loop {
-                            let Some(next) = earliest(&changes, &flags) else {
-                                break;
-                            };
-                            if !complete(&next) {
-                                break;
-                            }
+                        while let Some(next) = earliest(&changes, &flags)
+                            && complete(&next)
+                        {
                             let at = held_at.delayed(&next);
                             let mut session = output.session(&at);
                             // New winners against the flags before this time.
