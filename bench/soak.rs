@@ -19,10 +19,15 @@ use clickagg::loadgen::LoadgenOptions;
 use common::{AD_SERVER, ADMIN, Server, TestTimes, env_or, metric};
 
 fn rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmRSS:")
+}
+
+/// A size line of `/proc/<pid>/status`, in MiB.
+fn status_mib(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         .map_or(0.0, |kib| kib / 1024.0)
 }
@@ -80,8 +85,8 @@ fn main() {
         "soak: {rate} clicks/s for {secs}s into clickagg serve ({workers} workers, horizon 1m 35.4s)"
     );
     println!(
-        "{:>6} {:>10} {:>14} {:>14} {:>12} {:>12}",
-        "t (s)", "RSS MiB", "arranged", "in batchers", "accepted", "dedup"
+        "{:>6} {:>10} {:>10} {:>14} {:>14} {:>12} {:>12} {:>10}",
+        "t (s)", "RSS MiB", "anon MiB", "arranged", "in batchers", "accepted", "dedup", "held back"
     );
     let started = Instant::now();
     let mut samples: Vec<Sample> = Vec::new();
@@ -97,8 +102,15 @@ fn main() {
             metric(&text, "clickagg_dedup_impressions", ""),
         );
         println!(
-            "{:>6} {:>10.1} {:>14.0} {:>14.0} {:>12.0} {:>12.0}",
-            sample.0, sample.1, sample.2, sample.3, sample.4, sample.5
+            "{:>6} {:>10.1} {:>10.1} {:>14.0} {:>14.0} {:>12.0} {:>12.0} {:>10.0}",
+            sample.0,
+            sample.1,
+            status_mib(pid, "RssAnon:"),
+            sample.2,
+            sample.3,
+            sample.4,
+            sample.5,
+            metric(&text, "clickagg_pending_updates", "")
         );
         samples.push(sample);
     }

@@ -86,6 +86,9 @@ pub struct Metrics {
     /// Impressions the dedup holds a counted click for (its state, kept in place rather
     /// than in an arrangement), over all workers.
     pub dedup_impressions: Gauge,
+    /// Updates the in-place operators (dedup, fraud join, IP bursts) hold back until their
+    /// time is complete, over all workers.
+    pub pending_updates: Gauge,
     /// Updates waiting in arrangement batchers for their time to come (mostly the
     /// horizon's expiry retractions), over all workers.
     pub arrangement_batcher_records: Gauge,
@@ -135,6 +138,7 @@ impl Metrics {
             arrangement_records: Gauge::default(),
             arrangement_batcher_records: Gauge::default(),
             dedup_impressions: Gauge::default(),
+            pending_updates: Gauge::default(),
             dataflow_clicks: Counter::default(),
             dedup_dropped: Counter::default(),
             classified_added: Family::default(),
@@ -225,6 +229,11 @@ impl Metrics {
             "dedup_impressions",
             "Impressions the dedup holds a counted click for (its state), all workers",
             m.dedup_impressions.clone(),
+        );
+        registry.register(
+            "pending_updates",
+            "Updates the in-place operators hold back until their time is complete, all workers",
+            m.pending_updates.clone(),
         );
         registry.register(
             "arrangement_batcher_records",

@@ -18,10 +18,11 @@ use std::net::IpAddr;
 
 use differential_dataflow::VecCollection;
 use differential_dataflow::operators::ThresholdTotal;
-use prometheus_client::metrics::gauge::Gauge;
 use serde::{Deserialize, Serialize};
 use smol_str::SmolStr;
 
+use super::StateGauges;
+use super::bursts::ip_bursts;
 use super::dedup::first_clicks;
 use crate::record::{AdRecord, ClickEvent};
 use crate::time::{Millis, Time};
@@ -119,14 +120,14 @@ pub struct Rules {
 }
 
 /// One classified click per impression that has clicks, and the causes of its fraud.
-/// `dedup_held` tracks the impressions the dedup holds a winner for.
+/// `state` reports what the in-place operators hold.
 pub fn classify<'s>(
     clicks: VecCollection<'s, Time, Click>,
     verdicts: VecCollection<'s, Time, Verdict>,
     rules: Rules,
-    dedup_held: Gauge,
+    state: StateGauges,
 ) -> Classification<'s> {
-    let firsts = first_clicks(clicks, rules.lateness_ms, dedup_held);
+    let firsts = first_clicks(clicks, rules.lateness_ms, state.clone());
     let on_time = firsts
         .changes
         .clone()
@@ -137,7 +138,11 @@ pub fn classify<'s>(
         .flat_map(|(_, (on_time, c))| (!on_time).then(|| c.classified(ClickClass::Late)));
 
     let first_verdicts = first_verdicts(verdicts);
-    let burst_flagged = ip_bursts(on_time.clone(), rules.max_clicks_per_ip_per_second);
+    let burst_flagged = ip_bursts(
+        on_time.clone(),
+        rules.max_clicks_per_ip_per_second,
+        state.pending_updates,
+    );
     let flagged = first_verdicts
         .clone()
         .map(|(imp, _)| imp)
@@ -172,22 +177,6 @@ fn first_verdicts<'s>(
                 out.push((**first, 1));
             }
         })
-}
-
-/// Impressions whose counted click shares its IP and second with more than `max` others'.
-fn ip_bursts<'s>(
-    on_time: VecCollection<'s, Time, (u128, Click)>,
-    max: u64,
-) -> VecCollection<'s, Time, u128> {
-    on_time
-        .map(|(imp, c)| ((c.ip, c.event_time_ms / 1000), imp))
-        .reduce(move |_ip_second, imps, out: &mut Vec<(u128, isize)>| {
-            let n: isize = imps.iter().map(|(_, r)| *r).sum();
-            if n > max as isize {
-                out.extend(imps.iter().map(|(imp, _)| (**imp, 1)));
-            }
-        })
-        .map(|(_, imp)| imp)
 }
 
 /// The catalog: the latest record of each ad (by log offset).

@@ -19,7 +19,7 @@
 //! see `docs/design-notes.md`), and the sink stores no change to a final window.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::rc::Rc;
 
@@ -30,9 +30,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::{Capability, InputCapability};
 
+use super::StateGauges;
 use super::classify::Click;
+use super::pending::Pending;
 use crate::time::Time;
 
 /// The dedup's output: per impression the click that counts and whether it was on time,
@@ -42,6 +43,7 @@ pub struct FirstClicks<'s> {
     /// `(impression, (on time, click))` for each impression's winner.
     pub changes: VecCollection<'s, Time, (u128, (bool, Click))>,
     winners: Rc<RefCell<Winners>>,
+    pending_updates: Gauge,
 }
 
 /// One change of an impression's winner: `((impression, (on time, click)), time, diff)`.
@@ -215,22 +217,18 @@ impl Winners {
     }
 }
 
-/// Holds `capability` at or before the least time of a message received under `cap`.
-fn hold(capability: &mut Option<Capability<Time>>, cap: &InputCapability<Time>) {
-    if let Some(least) = cap.least()
-        && capability.as_ref().is_none_or(|c| least < c.time())
-    {
-        *capability = cap.retain_least(0);
-    }
-}
-
 /// Per impression, the click that counts, and whether it was on time: the dedup.
-/// `held` tracks how many impressions this worker's dedup holds a winner for.
+/// `state` reports the impressions it holds and the updates it holds back.
 pub fn first_clicks<'s>(
     clicks: VecCollection<'s, Time, Click>,
     lateness_ms: u64,
-    held: Gauge,
+    state: StateGauges,
 ) -> FirstClicks<'s> {
+    let StateGauges {
+        dedup_impressions: held,
+        pending_updates,
+    } = state;
+    let held_back = pending_updates.clone();
     let winners = Rc::new(RefCell::new(Winners::new(lateness_ms)));
     let state = Rc::clone(&winners);
     // The same hash as differential's exchanges by impression, so the flags the fraud
@@ -242,34 +240,22 @@ pub fn first_clicks<'s>(
             by_impression,
             "Dedup",
             move |_capability, _info| {
-                // Updates by their own time, until the input frontier passes it.
-                let mut pending: BTreeMap<Time, Vec<(Click, isize)>> = BTreeMap::new();
-                // At or before the earliest pending time.
-                let mut capability: Option<Capability<Time>> = None;
+                let mut pending: Pending<(Click, isize)> = Pending::counted(pending_updates);
                 let mut reported = 0i64;
                 move |(input, frontier), output| {
                     input.for_each(|cap, data| {
-                        hold(&mut capability, &cap);
-                        for (click, time, diff) in data.drain(..) {
-                            pending.entry(time).or_default().push((click, diff));
-                        }
+                        let updates = data.drain(..).map(|(click, t, diff)| (t, (click, diff)));
+                        pending.stash(&cap, updates);
                     });
-                    let Some(held_at) = capability.as_mut() else {
-                        return;
-                    };
                     let mut winners = state.borrow_mut();
-                    while let Some(entry) = pending.first_entry()
-                        && !frontier.less_equal(entry.key())
+                    while let Some(time) = pending.earliest().filter(|t| !frontier.less_equal(t))
+                        && let Some(at) = pending.capability_for(time)
                     {
-                        let (time, mut updates) = entry.remove_entry();
-                        let at = held_at.delayed(&time);
+                        let mut updates = pending.take(time);
                         let mut session = output.session(&at);
                         winners.apply(time, &mut updates, |update| session.give(update));
                     }
-                    match pending.first_key_value() {
-                        Some((next, _)) => held_at.downgrade(next),
-                        None => capability = None,
-                    }
+                    pending.settle();
                     let now = winners.len() as i64;
                     held.inc_by(now - reported);
                     reported = now;
@@ -277,34 +263,27 @@ pub fn first_clicks<'s>(
             },
         )
         .as_collection();
-    FirstClicks { changes, winners }
+    FirstClicks {
+        changes,
+        winners,
+        pending_updates: held_back,
+    }
 }
 
-/// Changes of winners a fraud join has received but not yet applied, by time.
-type Stash = BTreeMap<Time, Vec<((u128, (bool, Click)), isize)>>;
-
-/// The earliest time either stash holds.
-fn earliest<A, B>(changes: &BTreeMap<Time, A>, flags: &BTreeMap<Time, B>) -> Option<Time> {
-    changes
-        .keys()
-        .next()
-        .into_iter()
-        .chain(flags.keys().next())
-        .min()
-        .copied()
-}
+/// A change of a winner as the fraud join receives it.
+type Change = ((u128, (bool, Click)), isize);
 
 /// The winners of `imps` as of the time before the `later` changes: the dedup's winners
 /// now, with the changes of later times undone, the last first.
-fn winners_before(
+fn winners_before<'a>(
     winners: &Winners,
-    later: &Stash,
+    later: impl DoubleEndedIterator<Item = &'a Change>,
     imps: impl Iterator<Item = u128>,
 ) -> HashMap<u128, Option<(bool, Click)>> {
     let mut at: HashMap<u128, Option<(bool, Click)>> = imps
         .map(|imp| (imp, winners.get(imp).map(|(on, c)| (on, c.clone()))))
         .collect();
-    for ((imp, (on_time, click)), diff) in later.values().flat_map(|v| v.iter()).rev() {
+    for ((imp, (on_time, click)), diff) in later.rev() {
         if let Some(winner) = at.get_mut(imp) {
             *winner = (*diff < 0).then(|| (*on_time, click.clone()));
         }
@@ -326,6 +305,7 @@ impl<'s> FirstClicks<'s> {
         flagged: VecCollection<'s, Time, u128>,
     ) -> VecCollection<'s, Time, (u128, Click)> {
         let winners = Rc::clone(&self.winners);
+        let held = self.pending_updates.clone();
         let by_impression = Exchange::new(|(imp, _, _): &(u128, Time, isize)| imp.hashed());
         type Out = ((u128, Click), Time, isize);
         self.changes
@@ -337,52 +317,46 @@ impl<'s> FirstClicks<'s> {
                 by_impression,
                 "FraudJoin",
                 move |_capability, _info| {
-                    let mut changes: Stash = BTreeMap::new();
-                    let mut flags: BTreeMap<Time, Vec<(u128, isize)>> = BTreeMap::new();
+                    let mut changes: Pending<Change> = Pending::counted(held.clone());
+                    let mut flags: Pending<(u128, isize)> = Pending::counted(held);
                     let mut flagged: HashMap<u128, isize> = HashMap::new();
-                    let mut capability: Option<Capability<Time>> = None;
                     move |(input1, frontier1), (input2, frontier2), output| {
                         input1.for_each(|cap, data| {
-                            hold(&mut capability, &cap);
-                            for (change, time, diff) in data.drain(..) {
-                                changes.entry(time).or_default().push((change, diff));
-                            }
+                            changes.stash(&cap, data.drain(..).map(|(c, t, r)| (t, (c, r))));
                         });
                         input2.for_each(|cap, data| {
-                            hold(&mut capability, &cap);
-                            for (imp, time, diff) in data.drain(..) {
-                                flags.entry(time).or_default().push((imp, diff));
-                            }
+                            flags.stash(&cap, data.drain(..).map(|(imp, t, r)| (t, (imp, r))));
                         });
-                        let Some(held_at) = capability.as_mut() else {
-                            return;
-                        };
                         let complete =
                             |t: &Time| !frontier1.less_equal(t) && !frontier2.less_equal(t);
-                        while let Some(next) = earliest(&changes, &flags)
+                        while let Some(next) =
+                            changes.earliest().into_iter().chain(flags.earliest()).min()
                             && complete(&next)
+                            && let Some(at) = changes
+                                .capability_for(next)
+                                .or_else(|| flags.capability_for(next))
                         {
-                            let at = held_at.delayed(&next);
                             let mut session = output.session(&at);
                             // New winners against the flags before this time.
-                            for ((imp, (on_time, click)), diff) in
-                                changes.remove(&next).unwrap_or_default()
-                            {
+                            for ((imp, (on_time, click)), diff) in changes.take(next) {
                                 if let Some(n) = flagged.get(&imp).filter(|_| on_time) {
                                     session.give(((imp, click), next, diff * *n));
                                 }
                             }
                             // New flags against the winners as of this time.
                             let mut delta: HashMap<u128, isize> = HashMap::new();
-                            for (imp, diff) in flags.remove(&next).unwrap_or_default() {
+                            for (imp, diff) in flags.take(next) {
                                 *delta.entry(imp).or_default() += diff;
                             }
                             delta.retain(|_, d| *d != 0);
                             if delta.is_empty() {
                                 continue;
                             }
-                            let current =
-                                winners_before(&winners.borrow(), &changes, delta.keys().copied());
+                            let current = winners_before(
+                                &winners.borrow(),
+                                changes.after(next),
+                                delta.keys().copied(),
+                            );
                             for (imp, diff) in delta {
                                 if let Some(Some((true, click))) = current.get(&imp) {
                                     session.give(((imp, click.clone()), next, diff));
@@ -394,10 +368,8 @@ impl<'s> FirstClicks<'s> {
                                 }
                             }
                         }
-                        match earliest(&changes, &flags) {
-                            Some(t) => held_at.downgrade(&t),
-                            None => capability = None,
-                        }
+                        changes.settle();
+                        flags.settle();
                     }
                 },
             )

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use differential_dataflow::AsCollection;
-use prometheus_client::metrics::gauge::Gauge;
 use timely::dataflow::operators::capture::{Capture, Extract};
 use timely::dataflow::operators::vec::unordered_input::UnorderedInput;
 
@@ -51,7 +50,7 @@ pub fn run_views(
         let (mut input, capability) = worker.dataflow::<Time, _, _>(|scope| {
             let ((input, capability), stream) =
                 scope.new_unordered_input::<(SourceEvent, Time, isize)>();
-            let inputs = view_inputs(stream.as_collection(), rules, finality, Gauge::default());
+            let inputs = view_inputs(stream.as_collection(), rules, finality, Default::default());
             view_records(&inputs, views).inner.capture_into(send);
             (input, capability)
         });

@@ -1,9 +1,11 @@
 //! The dataflow: log source -> classify -> views -> click sink, on timely workers.
 
 pub mod arrangements;
+pub mod bursts;
 pub mod classify;
 pub mod dedup;
 pub mod harness;
+pub mod pending;
 pub mod sink;
 pub mod source;
 
@@ -28,13 +30,23 @@ use crate::store::{RecoveryPoint, Store};
 use crate::time::{Finality, Tick, Time};
 use crate::views::{ViewDef, ViewInputs};
 
-/// The inputs every view reads, built from the source's events. `dedup_held` tracks the
-/// impressions the dedup holds a winner for.
+/// Gauges of the state the in-place operators hold (arrangements report theirs through
+/// differential's logging, `arrangements.rs`).
+#[derive(Clone, Debug, Default)]
+pub struct StateGauges {
+    /// Impressions the dedup holds a winner for.
+    pub dedup_impressions: Gauge,
+    /// Updates the in-place operators hold back until their time is complete.
+    pub pending_updates: Gauge,
+}
+
+/// The inputs every view reads, built from the source's events; `state` reports what the
+/// in-place operators hold.
 pub fn view_inputs<'s>(
     events: VecCollection<'s, Time, SourceEvent>,
     rules: Rules,
     finality: Finality,
-    dedup_held: Gauge,
+    state: StateGauges,
 ) -> ViewInputs<'s> {
     let clicks = events.clone().flat_map(|e| match e {
         SourceEvent::Click(c) => Some(c),
@@ -48,7 +60,7 @@ pub fn view_inputs<'s>(
         SourceEvent::Ad(offset, record) => Some((offset, record)),
         _ => None,
     });
-    let classification = classify(clicks, verdicts, rules, dedup_held);
+    let classification = classify(clicks, verdicts, rules, state);
     ViewInputs {
         classified: classification.classified,
         first_verdicts: classification.first_verdicts,
@@ -299,13 +311,16 @@ impl Engine {
                 status: Arc::clone(&sink_status),
             };
             let (rules, finality) = (spec.rules, spec.finality);
-            let dedup_held = metrics.dedup_impressions.clone();
+            let state = StateGauges {
+                dedup_impressions: metrics.dedup_impressions.clone(),
+                pending_updates: metrics.pending_updates.clone(),
+            };
             arrangements::report_sizes(worker, &metrics);
             worker.dataflow::<Time, _, _>(move |scope| {
                 // The sink's input frontier paces the source (see `source::MAX_STEP`).
                 let done = timely::dataflow::ProbeHandle::new();
                 let events = log_source(scope, source_spec, done.clone());
-                let inputs = view_inputs(events.clone(), rules, finality, dedup_held);
+                let inputs = view_inputs(events.clone(), rules, finality, state);
                 let records = view_records(&inputs, views).concat(position_records(events));
                 let records = records.inner.probe_with(&done).as_collection();
                 click_sink(records, sink_spec);

@@ -1,0 +1,177 @@
+//! The IP-burst rule in place: per `(IP, second of event time)` the impressions whose
+//! counted on-time click falls in it; when there are more than the limit, all of them are
+//! flagged.
+//!
+//! A `reduce` would keep every group's members in an input arrangement (one update per
+//! on-time winner, the largest arrangement left once the dedup kept its state in place)
+//! and rewrite its largest batch about once a horizon. This operator keeps the groups in a
+//! hash map and updates them as times complete: the same output at every time, no merges.
+
+use std::net::IpAddr;
+
+use differential_dataflow::hashable::Hashable;
+use differential_dataflow::{AsCollection, VecCollection};
+use hashbrown::HashMap;
+use prometheus_client::metrics::gauge::Gauge;
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+
+use super::classify::Click;
+use super::pending::Pending;
+use crate::time::Time;
+
+/// An IP and a second of event time.
+type Group = (IpAddr, u64);
+
+/// An impression as two words: 8-byte alignment keeps a group's slot at 56 bytes (a
+/// `u128` would align the slot to 16 and pad it to 64 or more).
+type Imp = [u64; 2];
+
+fn split(imp: u128) -> Imp {
+    [(imp >> 64) as u64, imp as u64]
+}
+
+fn join([high, low]: Imp) -> u128 {
+    (u128::from(high) << 64) | u128::from(low)
+}
+
+/// The impressions of one group, with their multiplicities. A counted click is one
+/// impression once, and most groups hold one: that case needs no allocation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Members {
+    One(Imp),
+    Many(Vec<(Imp, isize)>),
+}
+
+impl Members {
+    fn iter(&self) -> impl Iterator<Item = (u128, isize)> + '_ {
+        let (one, many) = match self {
+            Members::One(imp) => (Some((join(*imp), 1)), None),
+            Members::Many(all) => (None, Some(all.iter().map(|(imp, n)| (join(*imp), *n)))),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+}
+
+/// The members of a group the rule flags: all of them, when more than `max`.
+fn flagged(members: Option<&Members>, max: u64) -> Vec<u128> {
+    let Some(members) = members else {
+        return Vec::new();
+    };
+    let count: isize = members.iter().map(|(_, n)| n).sum();
+    if count <= isize::try_from(max).unwrap_or(isize::MAX) {
+        return Vec::new();
+    }
+    members
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(imp, _)| imp)
+        .collect()
+}
+
+/// The group with `diff` more copies of `imp`; `None` when it is left empty.
+fn update(members: Option<Members>, imp: u128, diff: isize) -> Option<Members> {
+    let mut all: Vec<(Imp, isize)> = match members {
+        None if diff == 1 => return Some(Members::One(split(imp))),
+        None => Vec::new(),
+        Some(Members::One(one)) => vec![(one, 1)],
+        Some(Members::Many(all)) => all,
+    };
+    match all.iter().position(|(m, _)| *m == split(imp)) {
+        Some(i) => {
+            all[i].1 += diff;
+            if all[i].1 == 0 {
+                all.swap_remove(i);
+            }
+        }
+        None => all.push((split(imp), diff)),
+    }
+    match all.as_slice() {
+        [] => None,
+        [(one, 1)] => Some(Members::One(*one)),
+        _ => Some(Members::Many(all)),
+    }
+}
+
+/// Impressions whose counted click shares its IP and second with more than `max` others'.
+/// `held_back` counts the updates it holds back until their time is complete.
+pub fn ip_bursts<'s>(
+    on_time: VecCollection<'s, Time, (u128, Click)>,
+    max: u64,
+    held_back: Gauge,
+) -> VecCollection<'s, Time, u128> {
+    let by_group =
+        Exchange::new(|((group, _), _, _): &((Group, u128), Time, isize)| group.hashed());
+    on_time
+        .map(|(imp, c)| ((c.ip, c.event_time_ms / 1000), imp))
+        .inner
+        .unary_frontier::<CapacityContainerBuilder<Vec<(u128, Time, isize)>>, _, _, _>(
+            by_group,
+            "IpBursts",
+            move |_capability, _info| {
+                let mut pending: Pending<(Group, u128, isize)> = Pending::counted(held_back);
+                let mut groups: HashMap<Group, Members> = HashMap::new();
+                move |(input, frontier), output| {
+                    input.for_each(|cap, data| {
+                        let updates = data.drain(..).map(|((g, imp), t, r)| (t, (g, imp, r)));
+                        pending.stash(&cap, updates);
+                    });
+                    while let Some(time) = pending.earliest().filter(|t| !frontier.less_equal(t))
+                        && let Some(at) = pending.capability_for(time)
+                    {
+                        let mut updates = pending.take(time);
+                        updates.sort_unstable_by_key(|(group, imp, _)| (*group, *imp));
+                        let mut session = output.session(&at);
+                        for changes in updates.chunk_by(|a, b| a.0 == b.0) {
+                            let group = changes[0].0;
+                            let mut members = groups.remove(&group);
+                            let before = flagged(members.as_ref(), max);
+                            for (_, imp, diff) in changes {
+                                members = update(members, *imp, *diff);
+                            }
+                            let after = flagged(members.as_ref(), max);
+                            if before != after {
+                                session
+                                    .give_iterator(before.into_iter().map(|imp| (imp, time, -1)));
+                                session.give_iterator(after.into_iter().map(|imp| (imp, time, 1)));
+                            }
+                            if let Some(members) = members {
+                                groups.insert(group, members);
+                            }
+                        }
+                    }
+                    pending.settle();
+                }
+            },
+        )
+        .as_collection()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_flags_all_its_members_only_above_the_limit() {
+        let mut members = update(None, 1, 1);
+        assert_eq!(members, Some(Members::One(split(1))));
+        members = update(members, 2, 1);
+        assert!(flagged(members.as_ref(), 2).is_empty());
+        members = update(members, 3, 1);
+        let mut all = flagged(members.as_ref(), 2);
+        all.sort_unstable();
+        assert_eq!(all, [1, 2, 3]);
+        members = update(members, 2, -1);
+        assert!(flagged(members.as_ref(), 2).is_empty());
+        members = update(members, 3, -1);
+        assert_eq!(members, Some(Members::One(split(1))));
+        assert_eq!(update(members, 1, -1), None);
+    }
+
+    #[test]
+    fn impressions_keep_all_their_bits() {
+        let imp = (7u128 << 100) | 42;
+        assert_eq!(join(split(imp)), imp);
+    }
+}
