@@ -78,14 +78,15 @@ fn update(members: Option<Members>, imp: u128, diff: isize) -> Option<Members> {
         Some(Members::One(one)) => vec![(one, 1)],
         Some(Members::Many(all)) => all,
     };
-    match all.iter().position(|(m, _)| *m == split(imp)) {
+    let imp = split(imp);
+    match all.iter().position(|(m, _)| *m == imp) {
         Some(i) => {
             all[i].1 += diff;
             if all[i].1 == 0 {
                 all.swap_remove(i);
             }
         }
-        None => all.push((split(imp), diff)),
+        None => all.push((imp, diff)),
     }
     match all.as_slice() {
         [] => None,
@@ -110,7 +111,7 @@ pub fn ip_bursts<'s>(
             by_group,
             "IpBursts",
             move |_capability, _info| {
-                let mut pending: Pending<(Group, u128, isize)> = Pending::counted(held_back);
+                let mut pending: Pending<(Group, u128, isize)> = Pending::new(held_back);
                 let mut groups: HashMap<Group, Members> = HashMap::new();
                 move |(input, frontier), output| {
                     input.for_each(|cap, data| {

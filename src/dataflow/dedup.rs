@@ -56,6 +56,11 @@ struct Slot {
     copies: u32,
 }
 
+/// Whether a slot is the one of `imp`, for lookups in the table of [`Winners`].
+fn slot_of(clicks: &[Click], imp: u128) -> impl Fn(&Slot) -> bool + '_ {
+    move |s| clicks[s.at as usize].impression_id == imp
+}
+
 /// Whether `(a, a_on_time)` beats `(b, b_on_time)`: on time before late, then the earliest
 /// event time, then the smallest click id. The last resort, the whole click, makes the
 /// order total, so the winner never depends on arrival order.
@@ -99,12 +104,10 @@ impl Winners {
     /// The winner of `imp` and whether it was on time.
     pub fn get(&self, imp: u128) -> Option<(bool, &Click)> {
         let hash = self.hasher.hash_one(imp);
-        self.slots
-            .find(hash, |s| self.clicks[s.at as usize].impression_id == imp)
-            .map(|s| {
-                let click = &self.clicks[s.at as usize];
-                (click.on_time(self.lateness_ms), click)
-            })
+        self.slots.find(hash, slot_of(&self.clicks, imp)).map(|s| {
+            let click = &self.clicks[s.at as usize];
+            (click.on_time(self.lateness_ms), click)
+        })
     }
 
     /// Applies the clicks (`+`) and expiries (`-`) of one completed time and hands each
@@ -149,8 +152,7 @@ impl Winners {
             hasher,
             lateness_ms,
         } = self;
-        let Some(slot) = slots.find_mut(hash, |s| clicks[s.at as usize].impression_id == imp)
-        else {
+        let Some(slot) = slots.find_mut(hash, slot_of(clicks, imp)) else {
             let at = u32::try_from(clicks.len()).unwrap_or(u32::MAX);
             clicks.push(click.clone());
             slots.insert_unique(hash, Slot { at, copies }, |s| {
@@ -191,8 +193,7 @@ impl Winners {
             ..
         } = self;
         // Only the winner's own copies matter: a loser leaves nothing behind.
-        let Ok(mut entry) = slots.find_entry(hash, |s| clicks[s.at as usize].impression_id == imp)
-        else {
+        let Ok(mut entry) = slots.find_entry(hash, slot_of(clicks, imp)) else {
             return;
         };
         let slot = entry.get_mut();
@@ -225,7 +226,7 @@ pub fn first_clicks<'s>(
     state: StateGauges,
 ) -> FirstClicks<'s> {
     let StateGauges {
-        dedup_impressions: held,
+        dedup_impressions,
         pending_updates,
     } = state;
     let held_back = pending_updates.clone();
@@ -240,7 +241,7 @@ pub fn first_clicks<'s>(
             by_impression,
             "Dedup",
             move |_capability, _info| {
-                let mut pending: Pending<(Click, isize)> = Pending::counted(pending_updates);
+                let mut pending: Pending<(Click, isize)> = Pending::new(pending_updates);
                 let mut reported = 0i64;
                 move |(input, frontier), output| {
                     input.for_each(|cap, data| {
@@ -257,7 +258,7 @@ pub fn first_clicks<'s>(
                     }
                     pending.settle();
                     let now = winners.len() as i64;
-                    held.inc_by(now - reported);
+                    dedup_impressions.inc_by(now - reported);
                     reported = now;
                 }
             },
@@ -317,8 +318,8 @@ impl<'s> FirstClicks<'s> {
                 by_impression,
                 "FraudJoin",
                 move |_capability, _info| {
-                    let mut changes: Pending<Change> = Pending::counted(held.clone());
-                    let mut flags: Pending<(u128, isize)> = Pending::counted(held);
+                    let mut changes: Pending<Change> = Pending::new(held.clone());
+                    let mut flags: Pending<(u128, isize)> = Pending::new(held);
                     let mut flagged: HashMap<u128, isize> = HashMap::new();
                     move |(input1, frontier1), (input2, frontier2), output| {
                         input1.for_each(|cap, data| {

@@ -17,19 +17,9 @@ pub struct Pending<D> {
     held: Gauge,
 }
 
-impl<D> Default for Pending<D> {
-    fn default() -> Self {
-        Pending {
-            by_time: BTreeMap::new(),
-            capability: None,
-            held: Gauge::default(),
-        }
-    }
-}
-
 impl<D> Pending<D> {
     /// Nothing held back yet; `held` counts the updates held back (shared by operators).
-    pub fn counted(held: Gauge) -> Pending<D> {
+    pub fn new(held: Gauge) -> Pending<D> {
         Pending {
             by_time: BTreeMap::new(),
             capability: None,
