@@ -7,10 +7,13 @@
 //! that was published; a file half-written when the crash came was never published.
 
 use std::collections::BTreeMap;
+use std::io::BufWriter;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::parquet::{self, ArchivedClick, ArchivedVerdict, Footer, Rows};
+use tempfile::NamedTempFile;
+
+use super::parquet::{ArchivedClick, ArchivedVerdict, FileKind, FileWriter, Footer, Rows};
 use super::{Archive, ArchiveConfig, ArchiveError, Progress, TOPICS, file_path, hour_of};
 use crate::log::{Log, LogPosition, LogReader, PartitionBatch};
 use crate::record::{ClickEvent, FraudVerdict, PartitionId, Payload, Topic, is_heartbeat};
@@ -35,7 +38,11 @@ pub struct ArchiveStats {
     pub records: u64,
 }
 
-/// Records of one file being collected.
+/// Rows an open file collects before they go to its writer: enough for the Parquet
+/// encoder to work in large batches, few enough that the buffer stays small.
+const WRITE_ROWS: usize = 4096;
+
+/// Records of one file not yet handed to its writer.
 enum Buffer {
     Clicks(Vec<ArchivedClick>),
     Verdicts(Vec<ArchivedVerdict>),
@@ -48,13 +55,48 @@ impl Buffer {
             Buffer::Verdicts(v) => v.len(),
         }
     }
+
+    fn kind(&self) -> FileKind {
+        match self {
+            Buffer::Clicks(_) => FileKind::Clicks,
+            Buffer::Verdicts(_) => FileKind::Verdicts,
+        }
+    }
+
+    /// The rows, leaving an empty buffer of the same kind.
+    fn take(&mut self) -> Buffer {
+        match self {
+            Buffer::Clicks(v) => Buffer::Clicks(std::mem::take(v)),
+            Buffer::Verdicts(v) => Buffer::Verdicts(std::mem::take(v)),
+        }
+    }
+
+    fn rows(&self) -> Rows<'_> {
+        match self {
+            Buffer::Clicks(v) => Rows::Clicks(v),
+            Buffer::Verdicts(v) => Rows::Verdicts(v),
+        }
+    }
 }
 
+/// A file's writer, into a spool file of the archive.
+type SpoolWriter = FileWriter<BufWriter<NamedTempFile>>;
+
 /// An open file: its first record, its hour, its records, since when it is open.
+///
+/// Its rows go to a spool file in Parquet row groups as they come ([`spill`]), so what it
+/// holds in memory is at most [`WRITE_ROWS`] records and one row group, however long it
+/// stays open. (Holding the records until the file was written made the serving process's
+/// RSS climb by a minute of traffic and drop at each publish: the soak's sawtooth.)
 struct Open {
     first_offset: u64,
     hour_ms: Millis,
+    /// Records not yet handed to the writer.
     rows: Buffer,
+    /// Records in the file, written or not.
+    records: u64,
+    /// The writer, from the first spill on.
+    file: Option<SpoolWriter>,
     since: Instant,
 }
 
@@ -82,6 +124,19 @@ pub async fn run_archiver(
     run: ArchiveRun,
 ) -> Result<ArchiveStats, ArchiveError> {
     let mut total = ArchiveStats::default();
+    // A file is published or dropped within a flush interval of its opening, so a spool
+    // file idle for several intervals belongs to no live archiver.
+    let idle = config
+        .flush_interval
+        .saturating_mul(4)
+        .max(Duration::from_secs(600));
+    let spool = archive.clone();
+    match tokio::task::spawn_blocking(move || spool.clear_stale_spool(idle)).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::info!(files = n, "archiver removed spool files left by a crash"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot clear the archive spool"),
+        Err(e) => tracing::warn!(error = %e, "cannot clear the archive spool"),
+    }
     let mut backoff = Duration::from_millis(200);
     loop {
         match pass(&log, &archive, &config, &run, &mut total).await {
@@ -257,12 +312,18 @@ async fn take_batch(
                             Buffer::Clicks(_) => Buffer::Clicks(Vec::new()),
                             Buffer::Verdicts(_) => Buffer::Verdicts(Vec::new()),
                         },
+                        records: 0,
+                        file: None,
                         since: Instant::now(),
                     });
                     match (&mut open.rows, row) {
                         (Buffer::Clicks(v), Buffer::Clicks(mut r)) => v.append(&mut r),
                         (Buffer::Verdicts(v), Buffer::Verdicts(mut r)) => v.append(&mut r),
                         _ => {}
+                    }
+                    open.records += 1;
+                    if open.rows.len() >= WRITE_ROWS {
+                        spill(archive, open).await?;
                     }
                 }
                 Err(e) => {
@@ -275,7 +336,7 @@ async fn take_batch(
         if part
             .open
             .as_ref()
-            .is_some_and(|o| o.rows.len() >= config.max_records_per_file)
+            .is_some_and(|o| o.records >= config.max_records_per_file as u64)
         {
             flush(archive, p, part, total).await?;
         }
@@ -303,23 +364,61 @@ async fn flush(
     let footer = Footer {
         next_offset: part.next,
         time_floor_ms: part.floor,
-        records: open.rows.len() as u64,
+        records: open.records,
     };
     let path = file_path(p, open.hour_ms, open.first_offset);
-    let rows = open.rows;
-    let bytes = tokio::task::spawn_blocking(move || match &rows {
-        Buffer::Clicks(v) => parquet::encode(Rows::Clicks(v), footer),
-        Buffer::Verdicts(v) => parquet::encode(Rows::Verdicts(v), footer),
-    })
-    .await
-    .map_err(task_err)??;
-    archive.put_new(&path, bytes).await?;
+    let Open { rows, file, .. } = open;
+    let spooled = {
+        let archive = archive.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut file = match file {
+                Some(file) => file,
+                None => new_writer(&archive, rows.kind())?,
+            };
+            file.write(rows.rows())?;
+            file.finish(footer)?
+                .into_inner()
+                .map_err(|e| ArchiveError::Spool {
+                    path: archive.location.clone(),
+                    source: e.into_error(),
+                })
+        })
+        .await
+        .map_err(task_err)??
+    };
+    archive.publish(&path, spooled).await?;
     total.files += 1;
     total.records += footer.records;
     part.covered = part.covered.max(part.floor);
     tracing::debug!(%path, records = footer.records, next_offset = footer.next_offset, "archived");
     write_manifest(archive, p, part).await;
     Ok(())
+}
+
+/// Hands the records an open file has collected to its writer, on the blocking pool.
+/// On an error the file is gone with its records; the pass fails and the next one reads
+/// them again from the log.
+async fn spill(archive: &Archive, open: &mut Open) -> Result<(), ArchiveError> {
+    let rows = open.rows.take();
+    let file = open.file.take();
+    let archive = archive.clone();
+    let file = tokio::task::spawn_blocking(move || {
+        let mut file = match file {
+            Some(file) => file,
+            None => new_writer(&archive, rows.kind())?,
+        };
+        file.write(rows.rows())?;
+        Ok::<_, ArchiveError>(file)
+    })
+    .await
+    .map_err(task_err)??;
+    open.file = Some(file);
+    Ok(())
+}
+
+/// A writer into a new spool file (blocking).
+fn new_writer(archive: &Archive, kind: FileKind) -> Result<SpoolWriter, ArchiveError> {
+    FileWriter::new(BufWriter::new(archive.spool_file()?), kind)
 }
 
 /// Records where a partition stands. Only a hint for resuming (the footers are the

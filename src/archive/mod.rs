@@ -20,7 +20,7 @@
 mod archiver;
 pub mod parquet;
 
-use std::path::Path as FsPath;
+use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +28,7 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Deserializer, Serialize};
+use tempfile::NamedTempFile;
 
 use crate::record::{PartitionId, Topic};
 use crate::time::Millis;
@@ -115,7 +116,26 @@ pub enum ArchiveError {
     /// A blocking task failed.
     #[error("archive task failed: {0}")]
     Task(String),
+    /// A file being written could not be spooled to local disk or published from there.
+    #[error("archive spool {path}: {source}")]
+    Spool {
+        /// The spool file or directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
+
+fn spool_err(path: &FsPath) -> impl FnOnce(std::io::Error) -> ArchiveError + '_ {
+    move |source| ArchiveError::Spool {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The directory of a local archive where open files are written, beside the topics'
+/// directories (which readers and the archiver list) so that publishing is a link.
+pub const SPOOL_DIR: &str = "_spool";
 
 /// The archived topics and their directory names.
 pub const TOPICS: [(Topic, &str); 2] = [
@@ -223,6 +243,11 @@ pub struct Progress {
 pub struct Archive {
     store: Arc<dyn ObjectStore>,
     prefix: Path,
+    /// The directory of a local archive, which files are published into by a hard link.
+    local_dir: Option<PathBuf>,
+    /// Where files are written while they are open: `_spool` in a local archive (so a
+    /// published file is linked, not copied), `<data_dir>/archive-spool` for S3.
+    spool: PathBuf,
     /// For messages.
     pub location: String,
 }
@@ -244,6 +269,8 @@ impl Archive {
             return Ok(Archive {
                 store: Arc::new(store),
                 prefix: Path::from(prefix.trim_matches('/')),
+                local_dir: None,
+                spool: data_dir.join("archive-spool"),
                 location: location.to_owned(),
             });
         }
@@ -266,7 +293,9 @@ impl Archive {
         Ok(Archive {
             store: Arc::new(store),
             prefix: Path::default(),
+            spool: dir.join(SPOOL_DIR),
             location: dir.display().to_string(),
+            local_dir: Some(dir),
         })
     }
 
@@ -308,6 +337,73 @@ impl Archive {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// A new spool file for a file about to be written (blocking).
+    pub fn spool_file(&self) -> Result<NamedTempFile, ArchiveError> {
+        std::fs::create_dir_all(&self.spool).map_err(spool_err(&self.spool))?;
+        tempfile::Builder::new()
+            .prefix("part-")
+            .suffix(".parquet.tmp")
+            .tempfile_in(&self.spool)
+            .map_err(spool_err(&self.spool))
+    }
+
+    /// Deletes spool files nobody has written to for `idle`: left by an archiver that
+    /// crashed while a file was open, whose records a resume reads again (blocking).
+    pub fn clear_stale_spool(&self, idle: Duration) -> Result<usize, ArchiveError> {
+        let entries = match std::fs::read_dir(&self.spool) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(spool_err(&self.spool)(e)),
+        };
+        let mut removed = 0;
+        for entry in entries {
+            let entry = entry.map_err(spool_err(&self.spool))?;
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= idle);
+            if stale && std::fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Publishes a spooled file as a new file; [`ArchiveError::Taken`] when the name exists
+    /// already. A local archive links the spool file into place (create-only, like the
+    /// store's own put, with the file and its directory fsynced); S3 takes it in one PUT.
+    pub async fn publish(&self, rel: &str, file: NamedTempFile) -> Result<(), ArchiveError> {
+        let Some(dir) = &self.local_dir else {
+            let path = file.path().to_owned();
+            let bytes = tokio::task::spawn_blocking(move || std::fs::read(file.path()))
+                .await
+                .map_err(|e| ArchiveError::Task(e.to_string()))?
+                .map_err(spool_err(&path))?;
+            return self.put_new(rel, bytes).await;
+        };
+        let target = dir.join(rel);
+        let taken = rel.to_owned();
+        tokio::task::spawn_blocking(move || {
+            file.as_file().sync_all().map_err(spool_err(file.path()))?;
+            let parent = target.parent().unwrap_or(&target).to_owned();
+            std::fs::create_dir_all(&parent).map_err(spool_err(&parent))?;
+            match std::fs::hard_link(file.path(), &target) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(ArchiveError::Taken(taken));
+                }
+                Err(e) => return Err(spool_err(&target)(e)),
+            }
+            std::fs::File::open(&parent)
+                .and_then(|d| d.sync_all())
+                .map_err(spool_err(&parent))
+        })
+        .await
+        .map_err(|e| ArchiveError::Task(e.to_string()))?
     }
 
     /// Writes (or replaces) a small file atomically.
@@ -437,5 +533,59 @@ mod tests {
             (Topic::Clicks, 3, 42, hour)
         );
         assert_eq!(parse_file_path("clicks/x.parquet#1"), None);
+    }
+
+    fn spooled(archive: &Archive, bytes: &[u8]) -> NamedTempFile {
+        use std::io::Write;
+        let mut file = archive.spool_file().expect("spool file");
+        file.write_all(bytes).expect("write spool");
+        file
+    }
+
+    #[tokio::test]
+    async fn a_spooled_file_is_published_once_and_listed_and_its_spool_file_goes() {
+        let dir = tempfile::tempdir().expect("dir");
+        let archive = Archive::open("", dir.path()).expect("archive");
+        let p = PartitionId {
+            topic: Topic::Clicks,
+            partition: 1,
+        };
+        let path = file_path(p, hour_of(1_764_000_000_000), 7);
+        archive
+            .publish(&path, spooled(&archive, b"first"))
+            .await
+            .expect("published");
+        let second = archive.publish(&path, spooled(&archive, b"second")).await;
+        assert!(
+            matches!(&second, Err(ArchiveError::Taken(t)) if *t == path),
+            "{second:?}"
+        );
+        let got = archive.get(&path).await.expect("get").expect("exists");
+        assert_eq!(&got[..], b"first");
+        let files = archive.files().await.expect("files");
+        assert_eq!(files.len(), 1, "{files:?}");
+        assert_eq!((files[0].partition, files[0].first_offset), (1, 7));
+        let left = std::fs::read_dir(dir.path().join("archive").join(SPOOL_DIR))
+            .expect("spool dir")
+            .count();
+        assert_eq!(left, 0, "spool files are removed once published or refused");
+    }
+
+    #[test]
+    fn only_idle_spool_files_are_cleared() {
+        let dir = tempfile::tempdir().expect("dir");
+        let archive = Archive::open("", dir.path()).expect("archive");
+        assert_eq!(archive.clear_stale_spool(Duration::ZERO).expect("none"), 0);
+        let (_, left) = spooled(&archive, b"crashed").keep().expect("keep");
+        let live = spooled(&archive, b"open");
+        assert_eq!(
+            archive
+                .clear_stale_spool(Duration::from_secs(3600))
+                .expect("clear"),
+            0
+        );
+        assert!(left.exists() && live.path().exists());
+        assert_eq!(archive.clear_stale_spool(Duration::ZERO).expect("clear"), 2);
+        assert!(!left.exists());
     }
 }

@@ -5,6 +5,7 @@
 //! reader (DuckDB, Polars, Spark) takes them as they are. `record_time_ms` is the record
 //! time the dataflow uses: the log's, made monotone per partition by a running max.
 
+use std::io::Write;
 use std::sync::Arc;
 
 use arrow_array::builder::{Int32Builder, Int64Builder, StringBuilder, UInt64Builder};
@@ -17,6 +18,7 @@ use parquet::basic::Compression;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::schema::types::ColumnPath;
 
 use super::ArchiveError;
 use crate::record::{ClickEvent, FraudVerdict, impression_hex, parse_impression_hex};
@@ -106,9 +108,32 @@ pub enum Rows<'a> {
     Verdicts(&'a [ArchivedVerdict]),
 }
 
-/// Encodes one file: its rows, and the range it covers in its footer.
-pub fn encode(rows: Rows<'_>, footer: Footer) -> Result<Vec<u8>, ArchiveError> {
-    let batch = match rows {
+/// The most a file's writer holds of the row group it is filling (encoded), before it
+/// writes that row group out. With each column's current page and dictionary, an open
+/// file holds about 6 MiB in memory (`FileWriter::buffered_bytes`), whatever its length.
+pub const ROW_GROUP_BYTES: usize = 2 << 20;
+
+/// What a file holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    /// `clicks/`.
+    Clicks,
+    /// `verdicts/`.
+    Verdicts,
+}
+
+impl Rows<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Rows::Clicks(v) => v.len(),
+            Rows::Verdicts(v) => v.len(),
+        }
+    }
+}
+
+/// The rows as one record batch.
+fn record_batch(rows: Rows<'_>) -> Result<RecordBatch, ArchiveError> {
+    Ok(match rows {
         Rows::Clicks(clicks) => {
             let mut partition = Int32Builder::new();
             let mut offset = Int64Builder::new();
@@ -171,19 +196,73 @@ pub fn encode(rows: Rows<'_>, footer: Footer) -> Result<Vec<u8>, ArchiveError> {
             ];
             RecordBatch::try_new(verdict_schema(), columns).map_err(err)?
         }
+    })
+}
+
+/// A file being written: rows go into row groups as they come, and a row group is written
+/// to the sink once it reaches [`ROW_GROUP_BYTES`], so memory does not grow with the file.
+/// The range the file covers goes into its footer at [`FileWriter::finish`].
+pub struct FileWriter<W: Write + Send> {
+    writer: ArrowWriter<W>,
+}
+
+impl<W: Write + Send> FileWriter<W> {
+    /// A file of `kind` written to `sink`.
+    pub fn new(sink: W, kind: FileKind) -> Result<FileWriter<W>, ArchiveError> {
+        let schema = match kind {
+            FileKind::Clicks => click_schema(),
+            FileKind::Verdicts => verdict_schema(),
+        };
+        // Impression and click ids are unique per click: a dictionary of them would only
+        // grow (to its 1 MiB limit per column, held in memory) before falling back.
+        let props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
+            .set_column_dictionary_enabled(ColumnPath::from("impression_id"), false)
+            .set_column_dictionary_enabled(ColumnPath::from("click_id"), false)
+            .build();
+        let writer = ArrowWriter::try_new(sink, schema, Some(props)).map_err(err)?;
+        Ok(FileWriter { writer })
+    }
+
+    /// Bytes the writer holds in memory: the row group it is filling, encoded.
+    pub fn buffered_bytes(&self) -> usize {
+        self.writer.memory_size()
+    }
+
+    /// Appends rows of the file's kind.
+    pub fn write(&mut self, rows: Rows<'_>) -> Result<(), ArchiveError> {
+        if rows.len() == 0 {
+            return Ok(());
+        }
+        let batch = record_batch(rows)?;
+        self.writer.write(&batch).map_err(err)
+    }
+
+    /// Writes the last row group and the footer with the range the file covers, and
+    /// returns the sink.
+    pub fn finish(mut self, footer: Footer) -> Result<W, ArchiveError> {
+        self.writer.append_key_value_metadata(KeyValue::new(
+            NEXT_OFFSET.to_owned(),
+            footer.next_offset.to_string(),
+        ));
+        self.writer.append_key_value_metadata(KeyValue::new(
+            TIME_FLOOR.to_owned(),
+            footer.time_floor_ms.to_string(),
+        ));
+        self.writer.into_inner().map_err(err)
+    }
+}
+
+/// Encodes one file in memory: its rows, and the range it covers in its footer.
+pub fn encode(rows: Rows<'_>, footer: Footer) -> Result<Vec<u8>, ArchiveError> {
+    let kind = match rows {
+        Rows::Clicks(_) => FileKind::Clicks,
+        Rows::Verdicts(_) => FileKind::Verdicts,
     };
-    let props = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .set_key_value_metadata(Some(vec![
-            KeyValue::new(NEXT_OFFSET.to_owned(), footer.next_offset.to_string()),
-            KeyValue::new(TIME_FLOOR.to_owned(), footer.time_floor_ms.to_string()),
-        ]))
-        .build();
-    let mut out = Vec::new();
-    let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(props)).map_err(err)?;
-    writer.write(&batch).map_err(err)?;
-    writer.close().map_err(err)?;
-    Ok(out)
+    let mut file = FileWriter::new(Vec::new(), kind)?;
+    file.write(rows)?;
+    file.finish(footer)
 }
 
 /// Reads the range a file covers from its footer.
@@ -319,5 +398,53 @@ mod tests {
             Bytes::from(encode(Rows::Clicks(std::slice::from_ref(&c)), footer).expect("encodes"));
         assert_eq!(self::footer(bytes.clone()).expect("footer"), footer);
         assert_eq!(read_clicks(bytes).expect("reads"), vec![c]);
+    }
+
+    fn click(i: u64) -> ArchivedClick {
+        ArchivedClick {
+            partition: 0,
+            offset: i,
+            record_time_ms: 1_764_000_000_000 + i,
+            event: ClickEvent {
+                impression_id: u128::from(i) * 0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c834,
+                ad_id: i % 977,
+                issued_at_ms: 1_764_000_000_000,
+                event_time_ms: 1_764_000_000_000 + i,
+                click_id: format!("click-{i:016x}"),
+                user_id: format!("user-{}", i % 50_000),
+                ip: std::net::IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]),
+                cpc_micros: 1_000 + i % 7,
+            },
+        }
+    }
+
+    #[test]
+    fn a_long_file_is_written_in_row_groups_and_holds_one_in_memory() {
+        let clicks: Vec<ArchivedClick> = (0..400_000).map(click).collect();
+        let mut file = FileWriter::new(Vec::new(), FileKind::Clicks).expect("writer");
+        let mut most_held = 0;
+        for chunk in clicks.chunks(4096) {
+            file.write(Rows::Clicks(chunk)).expect("write");
+            most_held = most_held.max(file.buffered_bytes());
+        }
+        let footer = Footer {
+            next_offset: 400_000,
+            time_floor_ms: 1_764_000_399_999,
+            records: 400_000,
+        };
+        let bytes = Bytes::from(file.finish(footer).expect("finish"));
+        let groups = SerializedFileReader::new(bytes.clone())
+            .expect("reader")
+            .metadata()
+            .num_row_groups();
+        // Held in one row group, these clicks would take the whole file's size in memory.
+        assert!(groups >= 8, "{groups} row groups in {} bytes", bytes.len());
+        assert!(
+            most_held <= 4 * ROW_GROUP_BYTES && most_held * 4 < bytes.len(),
+            "held {most_held} bytes while writing a {}-byte file",
+            bytes.len()
+        );
+        assert_eq!(self::footer(bytes.clone()).expect("footer"), footer);
+        assert_eq!(read_clicks(bytes).expect("reads"), clicks);
     }
 }
