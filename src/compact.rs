@@ -84,7 +84,7 @@ pub async fn run(
         out.store_rows =
             tokio::task::spawn_blocking(move || store.drop_windows_before(aggregates_cutoff_ms))
                 .await
-                .map_err(|e| ArchiveError::Task(e.to_string()))??;
+                .map_err(ArchiveError::from)??;
     }
     tracing::info!(?out, "compacted");
     Ok(out)

@@ -262,7 +262,7 @@ pub async fn run(
     let s = Arc::clone(&store);
     let (frontier, rows) = tokio::task::spawn_blocking(move || s.ad_click_windows(from, to))
         .await
-        .map_err(|e| ArchiveError::Task(e.to_string()))??;
+        .map_err(ArchiveError::from)??;
     let as_of = frontier.unwrap_or(0);
     tracing::info!(as_of = %rfc3339(as_of), rows = rows.len(), "store snapshot read");
     wait_for_archive(config, archive, as_of, options.wait).await?;
@@ -291,7 +291,7 @@ pub async fn run(
             _ => read_verdicts(bytes).map(|v| (Vec::new(), v)),
         })
         .await
-        .map_err(|e| ArchiveError::Task(e.to_string()))??;
+        .map_err(ArchiveError::from)??;
         clicks.extend(decoded.0);
         verdicts.extend(decoded.1);
         bar.inc(1);
@@ -305,7 +305,7 @@ pub async fn run(
     let (clicks_read, verdicts_read) = (clicks.len(), verdicts.len());
     let batch = tokio::task::spawn_blocking(move || aggregate(&clicks, &verdicts, &rules, as_of))
         .await
-        .map_err(|e| ArchiveError::Task(e.to_string()))?;
+        .map_err(ArchiveError::from)?;
     let stored: BTreeMap<(u64, Millis), AdWindow> = rows
         .into_iter()
         .map(|r| ((r.ad_id, r.window_start), r))
@@ -352,7 +352,7 @@ pub async fn run(
                     let ad = d.ad_id;
                     let found = tokio::task::spawn_blocking(move || s.ad(ad))
                         .await
-                        .map_err(|e| ArchiveError::Task(e.to_string()))??;
+                        .map_err(ArchiveError::from)??;
                     let ad =
                         found.ok_or_else(|| StoreError::NotFound(format!("ad {}", d.ad_id)))?;
                     (ad.campaign_id, ad.advertiser_id)
@@ -371,7 +371,7 @@ pub async fn run(
         let n = fixes.len();
         tokio::task::spawn_blocking(move || store.apply_corrections(&run_id, now_ms(), &fixes))
             .await
-            .map_err(|e| ArchiveError::Task(e.to_string()))??;
+            .map_err(ArchiveError::from)??;
         summary.fixed = n;
     }
     Ok(summary)

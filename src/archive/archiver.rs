@@ -131,10 +131,10 @@ pub async fn run_archiver(
         .saturating_mul(4)
         .max(Duration::from_secs(600));
     let spool = archive.clone();
-    match tokio::task::spawn_blocking(move || spool.clear_stale_spool(idle)).await {
-        Ok(Ok(0)) => {}
-        Ok(Ok(n)) => tracing::info!(files = n, "archiver removed spool files left by a crash"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "cannot clear the archive spool"),
+    let cleared = tokio::task::spawn_blocking(move || spool.clear_stale_spool(idle)).await;
+    match cleared.map_err(ArchiveError::from).and_then(|r| r) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(files = n, "archiver removed spool files left by a crash"),
         Err(e) => tracing::warn!(error = %e, "cannot clear the archive spool"),
     }
     let mut backoff = Duration::from_millis(200);
@@ -161,10 +161,6 @@ fn stopped(run: &ArchiveRun) -> bool {
     run.stop
         .as_ref()
         .is_some_and(|s| s.load(std::sync::atomic::Ordering::Acquire))
-}
-
-fn task_err(e: tokio::task::JoinError) -> ArchiveError {
-    ArchiveError::Task(e.to_string())
 }
 
 async fn pass(
@@ -195,9 +191,7 @@ async fn pass(
     }
     let stop_at: Option<BTreeMap<PartitionId, u64>> = if run.once {
         let l = Arc::clone(log);
-        let ends = tokio::task::spawn_blocking(move || l.end_offsets())
-            .await
-            .map_err(task_err)??;
+        let ends = tokio::task::spawn_blocking(move || l.end_offsets()).await??;
         Some(
             ends.into_iter()
                 .filter(|(p, _)| parts.contains_key(p))
@@ -220,17 +214,15 @@ async fn pass(
         .collect();
     tracing::info!(location = %archive.location, partitions = parts.len(), "archiver resumes");
     let l = Arc::clone(log);
-    let mut reader: Box<dyn LogReader> = tokio::task::spawn_blocking(move || l.reader(start))
-        .await
-        .map_err(task_err)??;
+    let mut reader: Box<dyn LogReader> =
+        tokio::task::spawn_blocking(move || l.reader(start)).await??;
 
     loop {
         let (r, polled) = tokio::task::spawn_blocking(move || {
             let polled = reader.poll(Duration::from_millis(200));
             (reader, polled)
         })
-        .await
-        .map_err(task_err)?;
+        .await?;
         reader = r;
         for batch in polled? {
             let Some(part) = parts.get_mut(&batch.partition) else {
@@ -371,20 +363,15 @@ async fn flush(
     let spooled = {
         let archive = archive.clone();
         tokio::task::spawn_blocking(move || {
-            let mut file = match file {
-                Some(file) => file,
-                None => new_writer(&archive, rows.kind())?,
-            };
-            file.write(rows.rows())?;
-            file.finish(footer)?
+            write_rows(&archive, file, rows)?
+                .finish(footer)?
                 .into_inner()
                 .map_err(|e| ArchiveError::Spool {
                     path: archive.location.clone(),
                     source: e.into_error(),
                 })
         })
-        .await
-        .map_err(task_err)??
+        .await??
     };
     archive.publish(&path, spooled).await?;
     total.files += 1;
@@ -402,23 +389,24 @@ async fn spill(archive: &Archive, open: &mut Open) -> Result<(), ArchiveError> {
     let rows = open.rows.take();
     let file = open.file.take();
     let archive = archive.clone();
-    let file = tokio::task::spawn_blocking(move || {
-        let mut file = match file {
-            Some(file) => file,
-            None => new_writer(&archive, rows.kind())?,
-        };
-        file.write(rows.rows())?;
-        Ok::<_, ArchiveError>(file)
-    })
-    .await
-    .map_err(task_err)??;
+    let file = tokio::task::spawn_blocking(move || write_rows(&archive, file, rows)).await??;
     open.file = Some(file);
     Ok(())
 }
 
-/// A writer into a new spool file (blocking).
-fn new_writer(archive: &Archive, kind: FileKind) -> Result<SpoolWriter, ArchiveError> {
-    FileWriter::new(BufWriter::new(archive.spool_file()?), kind)
+/// Writes rows to an open file's writer, starting one in a new spool file for its first
+/// rows (blocking).
+fn write_rows(
+    archive: &Archive,
+    file: Option<SpoolWriter>,
+    rows: Buffer,
+) -> Result<SpoolWriter, ArchiveError> {
+    let mut file = match file {
+        Some(file) => file,
+        None => FileWriter::new(BufWriter::new(archive.spool_file()?), rows.kind())?,
+    };
+    file.write(rows.rows())?;
+    Ok(file)
 }
 
 /// Records where a partition stands. Only a hint for resuming (the footers are the

@@ -126,6 +126,12 @@ pub enum ArchiveError {
     },
 }
 
+impl From<tokio::task::JoinError> for ArchiveError {
+    fn from(e: tokio::task::JoinError) -> ArchiveError {
+        ArchiveError::Task(e.to_string())
+    }
+}
+
 fn spool_err(path: &FsPath) -> impl FnOnce(std::io::Error) -> ArchiveError + '_ {
     move |source| ArchiveError::Spool {
         path: path.display().to_string(),
@@ -380,8 +386,7 @@ impl Archive {
         let Some(dir) = &self.local_dir else {
             let path = file.path().to_owned();
             let bytes = tokio::task::spawn_blocking(move || std::fs::read(file.path()))
-                .await
-                .map_err(|e| ArchiveError::Task(e.to_string()))?
+                .await?
                 .map_err(spool_err(&path))?;
             return self.put_new(rel, bytes).await;
         };
@@ -402,8 +407,7 @@ impl Archive {
                 .and_then(|d| d.sync_all())
                 .map_err(spool_err(&parent))
         })
-        .await
-        .map_err(|e| ArchiveError::Task(e.to_string()))?
+        .await?
     }
 
     /// Writes (or replaces) a small file atomically.
@@ -491,9 +495,7 @@ impl Archive {
             let bytes = self.get(&f.path).await?.ok_or_else(|| {
                 ArchiveError::Parquet(format!("{} vanished while resuming", f.path))
             })?;
-            let footer = tokio::task::spawn_blocking(move || parquet::footer(bytes))
-                .await
-                .map_err(|e| ArchiveError::Task(e.to_string()))??;
+            let footer = tokio::task::spawn_blocking(move || parquet::footer(bytes)).await??;
             if best.is_none_or(|b| footer.next_offset > b.next_offset) {
                 best = Some(Progress {
                     next_offset: footer.next_offset,

@@ -254,17 +254,6 @@ impl<W: Write + Send> FileWriter<W> {
     }
 }
 
-/// Encodes one file in memory: its rows, and the range it covers in its footer.
-pub fn encode(rows: Rows<'_>, footer: Footer) -> Result<Vec<u8>, ArchiveError> {
-    let kind = match rows {
-        Rows::Clicks(_) => FileKind::Clicks,
-        Rows::Verdicts(_) => FileKind::Verdicts,
-    };
-    let mut file = FileWriter::new(Vec::new(), kind)?;
-    file.write(rows)?;
-    file.finish(footer)
-}
-
 /// Reads the range a file covers from its footer.
 pub fn footer(bytes: Bytes) -> Result<Footer, ArchiveError> {
     let reader = SerializedFileReader::new(bytes).map_err(err)?;
@@ -394,8 +383,10 @@ mod tests {
             time_floor_ms: 1_764_000_000_000,
             records: 1,
         };
-        let bytes =
-            Bytes::from(encode(Rows::Clicks(std::slice::from_ref(&c)), footer).expect("encodes"));
+        let mut file = FileWriter::new(Vec::new(), FileKind::Clicks).expect("writer");
+        file.write(Rows::Clicks(std::slice::from_ref(&c)))
+            .expect("write");
+        let bytes = Bytes::from(file.finish(footer).expect("finish"));
         assert_eq!(self::footer(bytes.clone()).expect("footer"), footer);
         assert_eq!(read_clicks(bytes).expect("reads"), vec![c]);
     }
