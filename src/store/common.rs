@@ -55,6 +55,37 @@ pub(crate) fn rollup_deltas(
     }
 }
 
+/// Deletes the rollup row of one key if every measure is zero: 1 scope, 2 scope id,
+/// 3 granularity, 4 window start. A window whose rows were all deleted or moved away
+/// must have no row, as if it had never been written: the stored rollups are then a
+/// function of the stored rows, whatever commits the changes came in.
+pub(crate) fn delete_empty_rollup_sql(
+    view: &ViewDef,
+    measures: &[&str],
+    param: fn(usize) -> String,
+) -> String {
+    let zero = measures
+        .iter()
+        .map(|m| format!("{m} = 0"))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    format!(
+        "DELETE FROM {} WHERE scope = {} AND scope_id = {} AND granularity = {} \
+         AND window_start = {} AND {zero}",
+        view.rollup_table(),
+        param(1),
+        param(2),
+        param(3),
+        param(4)
+    )
+}
+
+/// Whether a summed delta can have left a rollup row at zero: only a decrease can, as
+/// every measure is a count or a sum of non-negative amounts.
+pub(crate) fn may_empty(delta: &[i64]) -> bool {
+    delta.iter().any(|x| *x < 0)
+}
+
 /// Column declarations of a view table, `name TYPE NOT NULL`, with the store's type names.
 pub(crate) fn column_defs(view: &ViewDef, sql_type: fn(ColumnType) -> &'static str) -> Vec<String> {
     view.key

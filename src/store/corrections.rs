@@ -23,6 +23,9 @@ pub(crate) struct CorrectionSql {
     /// Recomputes one rollup window from the rows: 1 scope, 2 id, 3 granularity,
     /// 4 window start, 5 window end.
     pub rollup: [String; 3],
+    /// Deletes the recomputed window's row if it is all zero: 1 scope, 2 id,
+    /// 3 granularity, 4 window start.
+    pub rollup_delete_empty: String,
     /// Records one adjustment: 1 run, 2 ad, 3 window, 4 campaign, 5 advertiser,
     /// 6..9 deltas, 10 applied at.
     pub record: String,
@@ -106,6 +109,7 @@ pub(crate) fn correction_sql(view: &ViewDef, param: fn(usize) -> String) -> Corr
             rollup("campaign_id"),
             rollup("advertiser_id"),
         ],
+        rollup_delete_empty: super::common::delete_empty_rollup_sql(view, &MEASURES, param),
         record: format!(
             "INSERT INTO {ADJUSTMENTS_TABLE} (run_id, ad_id, window_start, campaign_id, \
              advertiser_id, {}, applied_at_ms) VALUES ({})",

@@ -35,7 +35,7 @@ use postgres::{Client, Config, NoTls, Statement, Transaction};
 use super::common::{
     AD_COLUMNS, LAST_PROGRESS, RollupDeltas, check_ad_rules, check_tick, column_defs,
     columns_differ, decode_positions, encode_positions, fraud_adjustment_totals_sql,
-    fraud_adjustments_sql, insert_campaign_sql, insert_progress_sql, late_clicks_sql,
+    fraud_adjustments_sql, insert_campaign_sql, insert_progress_sql, late_clicks_sql, may_empty,
     minute_series_sql, minute_totals_sql, progress_at_sql, prune_progress_sql, rollup_deltas,
     rollup_series_sql, rollup_totals_sql, upsert_action, upsert_ad_sql,
 };
@@ -85,6 +85,7 @@ struct ViewSql {
     upsert: String,
     delete: String,
     rollup_upsert: Option<String>,
+    rollup_delete_empty: Option<String>,
 }
 
 /// The writer's session and its prepared statements.
@@ -317,6 +318,31 @@ fn view_sql(view: &ViewDef) -> ViewSql {
             unnest(cols, 1)
         )
     });
+    // See `delete_empty_rollup_sql`: the same rule for all keys of a commit at once.
+    let rollup_delete_empty = view.rollup.map(|r| {
+        let zero = r
+            .measures
+            .iter()
+            .map(|m| format!("t.{m} = 0"))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let key = [
+            ("scope", "TEXT"),
+            ("scope_id", "BIGINT"),
+            ("granularity", "TEXT"),
+            ("window_start", "BIGINT"),
+        ];
+        let key_match = key
+            .iter()
+            .map(|(c, _)| format!("t.{c} = u.{c}"))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        format!(
+            "DELETE FROM {} t USING {} WHERE {key_match} AND {zero}",
+            view.rollup_table(),
+            unnest(key.into_iter(), 1)
+        )
+    });
     ViewSql {
         select_old: format!(
             "SELECT {} FROM {table} t JOIN {} ON {key_match}",
@@ -337,6 +363,7 @@ fn view_sql(view: &ViewDef) -> ViewSql {
             unnest(typed(view.key), 1)
         ),
         rollup_upsert,
+        rollup_delete_empty,
     }
 }
 
@@ -653,7 +680,10 @@ fn apply_view(
         tx.execute(&upsert, &params(&upserts_key)).map_err(&write)?;
     }
 
-    if let (Some(r), Some(stmt)) = (&view.rollup, &sql.rollup_upsert) {
+    if let (Some(r), Some(stmt), Some(delete_empty)) =
+        (&view.rollup, &sql.rollup_upsert, &sql.rollup_delete_empty)
+    {
+        let mut emptied: (Vec<&str>, Vec<i64>, Vec<&str>, Vec<i64>) = Default::default();
         let mut scopes: Vec<&str> = Vec::with_capacity(deltas.len());
         let mut ids = Vec::with_capacity(deltas.len());
         let mut grans: Vec<&str> = Vec::with_capacity(deltas.len());
@@ -662,6 +692,12 @@ fn apply_view(
         for ((scope, id, g, window), d) in deltas {
             if d.iter().all(|x| *x == 0) {
                 continue;
+            }
+            if may_empty(&d) {
+                emptied.0.push(r.scopes[scope].0);
+                emptied.1.push(id as i64);
+                emptied.2.push(g.as_str());
+                emptied.3.push(window as i64);
             }
             scopes.push(r.scopes[scope].0);
             ids.push(id as i64);
@@ -676,6 +712,12 @@ fn apply_view(
             args.extend(measures.iter().map(|m| m as &(dyn ToSql + Sync)));
             let rollup = prepared(tx, statements, stmt)?;
             tx.execute(&rollup, &args).map_err(db("write rollup"))?;
+        }
+        if !emptied.0.is_empty() {
+            let delete = prepared(tx, statements, delete_empty)?;
+            let (scopes, ids, grans, windows) = &emptied;
+            tx.execute(&delete, &[scopes, ids, grans, windows])
+                .map_err(db("delete empty rollup rows"))?;
         }
     }
     Ok(())
@@ -1482,6 +1524,11 @@ impl Store for PostgresStore {
                     &(start as i64),
                     &((start + g.ms()) as i64),
                 ],
+            )
+            .map_err(&write)?;
+            tx.execute(
+                &sql.rollup_delete_empty,
+                &[&scope, &(id as i64), &g.as_str(), &(start as i64)],
             )
             .map_err(&write)?;
         }

@@ -14,10 +14,11 @@ use rusqlite::{
 
 use super::common::{
     AD_COLUMNS, LAST_PROGRESS, RollupDeltas, check_ad_rules, check_tick, column_defs,
-    columns_differ, decode_positions, encode_positions, fraud_adjustment_totals_sql,
-    fraud_adjustments_sql, insert_campaign_sql, insert_progress_sql, late_clicks_sql,
-    minute_series_sql, minute_totals_sql, progress_at_sql, prune_progress_sql, rollup_deltas,
-    rollup_series_sql, rollup_totals_sql, upsert_action, upsert_ad_sql,
+    columns_differ, decode_positions, delete_empty_rollup_sql, encode_positions,
+    fraud_adjustment_totals_sql, fraud_adjustments_sql, insert_campaign_sql, insert_progress_sql,
+    late_clicks_sql, may_empty, minute_series_sql, minute_totals_sql, progress_at_sql,
+    prune_progress_sql, rollup_deltas, rollup_series_sql, rollup_totals_sql, upsert_action,
+    upsert_ad_sql,
 };
 use super::corrections;
 use super::{
@@ -47,6 +48,7 @@ struct ViewSql {
     upsert: String,
     delete: String,
     rollup_upsert: Option<String>,
+    rollup_delete_empty: Option<String>,
 }
 
 /// The SQLite store.
@@ -136,6 +138,9 @@ fn view_sql(view: &ViewDef) -> ViewSql {
         ),
         delete: format!("DELETE FROM {table} WHERE {key_match}"),
         rollup_upsert,
+        rollup_delete_empty: view
+            .rollup
+            .map(|r| delete_empty_rollup_sql(view, r.measures, param)),
     }
 }
 
@@ -277,20 +282,28 @@ impl SqliteStore {
                 }
             }
         }
-        if let (Some(r), Some(stmt)) = (&view.rollup, &sql.rollup_upsert) {
-            let mut rollup = tx.prepare_cached(stmt)?;
+        if let (Some(r), Some(upsert), Some(delete_empty)) =
+            (&view.rollup, &sql.rollup_upsert, &sql.rollup_delete_empty)
+        {
+            let mut rollup = tx.prepare_cached(upsert)?;
+            let mut delete_empty = tx.prepare_cached(delete_empty)?;
             for ((scope, id, g, window), d) in deltas {
                 if d.iter().all(|x| *x == 0) {
                     continue;
                 }
+                let key = (r.scopes[scope].0, id as i64, g.as_str(), window as i64);
+                let emptied = may_empty(&d);
                 let mut values = vec![
-                    Value::Text(r.scopes[scope].0.to_owned()),
-                    Value::Integer(id as i64),
-                    Value::Text(g.as_str().to_owned()),
-                    Value::Integer(window as i64),
+                    Value::Text(key.0.to_owned()),
+                    Value::Integer(key.1),
+                    Value::Text(key.2.to_owned()),
+                    Value::Integer(key.3),
                 ];
                 values.extend(d.into_iter().map(Value::Integer));
                 rollup.execute(rusqlite::params_from_iter(values))?;
+                if emptied {
+                    delete_empty.execute(rusqlite::params![key.0, key.1, key.2, key.3])?;
+                }
             }
         }
         Ok(())
@@ -926,6 +939,11 @@ impl Store for SqliteStore {
                     start as i64,
                     (start + g.ms()) as i64
                 ],
+            )
+            .map_err(&write)?;
+            tx.execute(
+                &sql.rollup_delete_empty,
+                params![scope, id as i64, g.as_str(), start as i64],
             )
             .map_err(&write)?;
         }
