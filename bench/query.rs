@@ -37,7 +37,9 @@
 //! is not part of "other processes".
 //!
 //! Knobs: `QUERY_STORE` (`sqlite` or `postgres`), `QUERY_RATE` (500), `QUERY_SECS` per
-//! query (20), `QUERY_ADS` (10000), `QUERY_CONNECTIONS` (64), `QUERY_CLIENT_THREADS` (1).
+//! query (20), `QUERY_ADS` (10000), `QUERY_CONNECTIONS` (64), `QUERY_CLIENT_THREADS` (1);
+//! `QUERY_AB_BIN=<clickagg>` then runs query (a) again `QUERY_AB_ROUNDS` (2) times on
+//! each build in turn, this bench's and that one, on the same store.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -389,6 +391,26 @@ impl Deployment {
         }
     }
 
+    /// Starts the measured process again on `binary` (`None`: the bench's own build) and
+    /// waits until it answers: the way to compare two builds on one filled store.
+    fn restart_with(&mut self, binary: Option<std::ffi::OsString>) {
+        match self {
+            Deployment::Sqlite(server) => {
+                server.proc.kill();
+                server.proc.use_binary(binary);
+                server.proc.start(START_LIMIT);
+            }
+            Deployment::Postgres { cluster, .. } => {
+                let mut query = cluster.query.lock();
+                query
+                    .terminate(Duration::from_secs(30))
+                    .expect("clickagg query stops on SIGTERM");
+                query.use_binary(binary);
+                query.start(START_LIMIT);
+            }
+        }
+    }
+
     /// What the measured process is called in the table.
     fn process_name(&self) -> &'static str {
         match self {
@@ -559,7 +581,7 @@ fn main() {
     let day = now_ms() / DAY * DAY - DAY;
 
     let store = std::env::var("QUERY_STORE").unwrap_or_else(|_| "sqlite".to_owned());
-    let deployment = match store.as_str() {
+    let mut deployment = match store.as_str() {
         "sqlite" => start_sqlite(ads, day),
         "postgres" => start_postgres(ads, day),
         other => panic!("QUERY_STORE={other:?}: expected sqlite or postgres"),
@@ -597,7 +619,7 @@ fn main() {
         3_000,
         32,
         threads,
-        ad_query,
+        Arc::clone(&ad_query),
     );
     measure(
         &deployment,
@@ -608,6 +630,33 @@ fn main() {
         threads,
         advertiser_query,
     );
+
+    // Two builds on the same store, interleaved (the machine's load drifts): the build
+    // under test (`QUERY_AB_BIN`) against this bench's own, for the ad query.
+    let mut checked = checked;
+    if let Some(b) = std::env::var_os("QUERY_AB_BIN") {
+        let rounds = env_or("QUERY_AB_ROUNDS", 2);
+        println!(
+            "  A/B: a = {}, b = {}, {rounds} rounds of query_ad_1m_24h at {rate}/s",
+            common::clickagg_bin().to_string_lossy(),
+            b.to_string_lossy()
+        );
+        for round in 1..=rounds {
+            for (label, binary) in [("a", None), ("b", Some(b.clone()))] {
+                deployment.restart_with(binary);
+                checked += check_oracle(deployment.target(), ads, day, 3 + round);
+                measure(
+                    &deployment,
+                    &format!("query_ad_1m_24h_{label}{round}"),
+                    open,
+                    requests,
+                    connections,
+                    threads,
+                    Arc::clone(&ad_query),
+                );
+            }
+        }
+    }
 
     let checked = checked + check_oracle(deployment.target(), ads, day, 2);
     let (pid, _) = deployment.server();

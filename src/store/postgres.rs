@@ -168,24 +168,93 @@ impl std::fmt::Display for PoolError {
 
 impl std::error::Error for PoolError {}
 
+/// A pooled connection and the read statements prepared on it.
+struct Session {
+    client: Client,
+    /// By SQL text. A dashboard query prepared once per connection is one round trip and
+    /// no parse or plan on the server; unprepared, every call parsed, planned and
+    /// described it first, in a round trip of its own.
+    statements: HashMap<String, Statement>,
+    /// When the pool last took it back unbroken.
+    returned: Instant,
+}
+
+/// A session the pool took back unbroken this recently is lent again without the
+/// round trip that tests it (HikariCP's `aliveBypassWindowMs`, 500 ms there): under load
+/// every read otherwise paid one more round trip, and the server one more statement, for
+/// a check that only matters after a connection sat idle.
+const TRUSTED_AFTER_USE: Duration = Duration::from_secs(1);
+
+impl Session {
+    /// Runs `sql`, prepared on this connection once. A statement the server no longer
+    /// accepts (its table's columns changed under it: "cached plan must not change
+    /// result type") is prepared again, once.
+    fn query_cached(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<postgres::Row>, postgres::Error> {
+        let statement = self.prepared(sql)?;
+        match self.client.query(&statement, params) {
+            Err(e) if e.code() == Some(&SqlState::FEATURE_NOT_SUPPORTED) => {
+                self.statements.remove(sql);
+                let statement = self.prepared(sql)?;
+                self.client.query(&statement, params)
+            }
+            answer => answer,
+        }
+    }
+
+    fn prepared(&mut self, sql: &str) -> Result<Statement, postgres::Error> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql)?;
+        self.statements.insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+}
+
+impl std::ops::Deref for Session {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+}
+
 /// Opens the pool's connections. Not `r2d2_postgres`: its errors lose their causes.
 struct Manager(Config);
 
 impl r2d2::ManageConnection for Manager {
-    type Connection = Client;
+    type Connection = Session;
     type Error = PoolError;
 
-    fn connect(&self) -> Result<Client, PoolError> {
-        self.0.connect(NoTls).map_err(|e| PoolError(describe(&e)))
+    fn connect(&self) -> Result<Session, PoolError> {
+        let client = self.0.connect(NoTls).map_err(|e| PoolError(describe(&e)))?;
+        Ok(Session {
+            client,
+            statements: HashMap::new(),
+            returned: Instant::now(),
+        })
     }
 
-    fn is_valid(&self, conn: &mut Client) -> Result<(), PoolError> {
-        conn.is_valid(CONNECT_TIMEOUT)
+    fn is_valid(&self, conn: &mut Session) -> Result<(), PoolError> {
+        conn.client
+            .is_valid(CONNECT_TIMEOUT)
             .map_err(|e| PoolError(describe(&e)))
     }
 
-    fn has_broken(&self, conn: &mut Client) -> bool {
-        conn.is_closed()
+    // r2d2 asks this of every connection handed back, so it also stamps the hand-back.
+    fn has_broken(&self, conn: &mut Session) -> bool {
+        conn.returned = Instant::now();
+        conn.client.is_closed()
     }
 }
 
@@ -778,7 +847,9 @@ impl PostgresStore {
                 tracing::info!(?applied, "migrated the Postgres store");
             }
             drop(client);
+            // `conn` probes a session that sat idle and trusts one just used.
             let pool = r2d2::Pool::builder()
+                .test_on_check_out(false)
                 .max_size(options.pool_size)
                 .connection_timeout(CONNECT_TIMEOUT)
                 .build(Manager(config.clone()))
@@ -800,12 +871,53 @@ impl PostgresStore {
         })
     }
 
+    /// A pooled session that was in use within [`TRUSTED_AFTER_USE`] or answers a probe
+    /// now. A session that fails the probe is closed, so the pool drops it on its return.
     fn conn(&self) -> Result<r2d2::PooledConnection<Manager>, StoreError> {
-        self.pool
+        let pool = self
+            .pool
             .as_ref()
-            .ok_or_else(|| StoreError::Unavailable("the store is closed".into()))?
-            .get()
-            .map_err(|e| StoreError::Unavailable(format!("store connection: {e}")))
+            .ok_or_else(|| StoreError::Unavailable("the store is closed".into()))?;
+        let mut failed = None;
+        for _ in 0..=pool.max_size() {
+            let mut c = pool
+                .get()
+                .map_err(|e| StoreError::Unavailable(format!("store connection: {e}")))?;
+            if c.returned.elapsed() < TRUSTED_AFTER_USE {
+                return Ok(c);
+            }
+            match c.client.is_valid(CONNECT_TIMEOUT) {
+                Ok(()) => return Ok(c),
+                Err(e) => failed = Some(describe(&e)),
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "store connection: every pooled session failed its probe, the last with: {}",
+            failed.unwrap_or_default()
+        )))
+    }
+
+    /// Runs a read on a pooled session, and again on another one while the session turns
+    /// out closed (the server restarted, or ended it, since it was last used): a read can
+    /// run twice, and a dashboard should not see an error for a connection that died idle.
+    fn read<T>(
+        &self,
+        what: &'static str,
+        mut f: impl FnMut(&mut Session) -> Result<T, postgres::Error>,
+    ) -> Result<T, StoreError> {
+        let attempts = self.pool.as_ref().map_or(1, |p| p.max_size() + 1);
+        let mut closed = None;
+        for _ in 0..attempts {
+            let mut c = self.conn()?;
+            match f(&mut c) {
+                Err(e) if c.client.is_closed() => closed = Some(e),
+                answer => return answer.map_err(db(what)),
+            }
+        }
+        Err(closed.map_or_else(
+            || StoreError::Unavailable(format!("{what}: no session")),
+            db(what),
+        ))
     }
 
     /// Opens a writer session and takes the writer lock on it, or explains who holds it.
@@ -1104,18 +1216,20 @@ impl Store for PostgresStore {
     }
 
     fn committed_frontier(&self) -> Result<Option<Time>, StoreError> {
-        let last: Option<i64> = self
-            .conn()?
-            .query_one("SELECT max(upper) FROM progress", &[])
-            .and_then(|r| r.try_get(0))
-            .map_err(db("read progress"))?;
+        let last: Option<i64> = self.read("read progress", |c| {
+            match c
+                .query_cached("SELECT max(upper) FROM progress", &[])?
+                .first()
+            {
+                Some(r) => r.try_get(0),
+                None => Ok(None),
+            }
+        })?;
         Ok(last.map(|l| l as Time))
     }
 
     fn check(&self) -> Result<(), StoreError> {
-        self.conn()?
-            .query_one("SELECT 1", &[])
-            .map_err(db("probe store"))?;
+        self.read("probe store", |c| c.query_one("SELECT 1", &[]))?;
         Ok(())
     }
 
@@ -1163,7 +1277,7 @@ impl Store for PostgresStore {
     }
 
     fn check_ad(&self, ad: &Ad) -> Result<Upserted, StoreError> {
-        check_ad_in(&mut *self.conn()?, ad)
+        check_ad_in(&mut self.conn()?.client, ad)
     }
 
     fn upsert_ad(&self, ad: &Ad) -> Result<Upserted, StoreError> {
@@ -1200,27 +1314,20 @@ impl Store for PostgresStore {
     }
 
     fn ad(&self, ad_id: u64) -> Result<Option<Ad>, StoreError> {
-        let read = db("read ads");
-        self.conn()?
-            .query_opt(
-                &format!("SELECT {AD_COLUMNS} FROM ads WHERE ad_id = $1"),
-                &[&(ad_id as i64)],
-            )
-            .map_err(&read)?
-            .map(|r| ad_from_row(&r))
-            .transpose()
-            .map_err(&read)
+        let sql = format!("SELECT {AD_COLUMNS} FROM ads WHERE ad_id = $1");
+        self.read("read ads", |c| {
+            c.query_cached(&sql, &[&(ad_id as i64)])?
+                .first()
+                .map(ad_from_row)
+                .transpose()
+        })
     }
 
     fn ads(&self) -> Result<Vec<Ad>, StoreError> {
-        let read = db("read ads");
-        self.conn()?
-            .query(&format!("SELECT {AD_COLUMNS} FROM ads"), &[])
-            .map_err(&read)?
-            .iter()
-            .map(ad_from_row)
-            .collect::<Result<_, _>>()
-            .map_err(&read)
+        let sql = format!("SELECT {AD_COLUMNS} FROM ads");
+        self.read("read ads", |c| {
+            c.query_cached(&sql, &[])?.iter().map(ad_from_row).collect()
+        })
     }
 
     fn advertiser_ads(&self, advertiser_id: u64) -> Result<Vec<Ad>, StoreError> {
@@ -1242,28 +1349,26 @@ impl Store for PostgresStore {
     }
 
     fn campaign_owner(&self, campaign_id: u64) -> Result<Option<u64>, StoreError> {
-        let read = db("read campaigns");
-        let owner: Option<i64> = self
-            .conn()?
-            .query_opt(
+        let owner: Option<i64> = self.read("read campaigns", |c| {
+            c.query_cached(
                 "SELECT advertiser_id FROM campaigns WHERE campaign_id = $1",
                 &[&(campaign_id as i64)],
-            )
-            .map_err(&read)?
+            )?
+            .first()
             .map(|r| r.try_get(0))
             .transpose()
-            .map_err(&read)?;
+        })?;
         Ok(owner.map(|o| o as u64))
     }
 
     fn advertiser_exists(&self, advertiser_id: u64) -> Result<bool, StoreError> {
-        self.conn()?
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM advertisers WHERE advertiser_id = $1)",
+        self.read("read advertisers", |c| {
+            let rows = c.query_cached(
+                "SELECT advertiser_id FROM advertisers WHERE advertiser_id = $1",
                 &[&(advertiser_id as i64)],
-            )
-            .and_then(|r| r.try_get(0))
-            .map_err(db("read advertisers"))
+            )?;
+            Ok(!rows.is_empty())
+        })
     }
 
     fn click_series(
@@ -1274,22 +1379,26 @@ impl Store for PostgresStore {
         from: Millis,
         to: Millis,
     ) -> Result<Vec<(Millis, Measures)>, StoreError> {
-        let read = db("read series");
         let (id, from, to) = (id as i64, from as i64, to as i64);
-        let rows = if scope == MetricScope::Ad && granularity == Granularity::Minute {
-            self.conn()?
-                .query(&minute_series_sql(param), &[&id, &from, &to])
+        let minutes = scope == MetricScope::Ad && granularity == Granularity::Minute;
+        let sql = if minutes {
+            minute_series_sql(param)
         } else {
-            self.conn()?.query(
-                &rollup_series_sql(param),
-                &[&scope.as_str(), &id, &granularity.as_str(), &from, &to],
-            )
-        }
-        .map_err(&read)?;
-        rows.iter()
-            .map(|r| Ok((r.try_get::<_, i64>(0)? as Millis, measures_at(r, 1)?)))
-            .collect::<Result<_, postgres::Error>>()
-            .map_err(&read)
+            rollup_series_sql(param)
+        };
+        self.read("read series", |c| {
+            let rows = if minutes {
+                c.query_cached(&sql, &[&id, &from, &to])?
+            } else {
+                c.query_cached(
+                    &sql,
+                    &[&scope.as_str(), &id, &granularity.as_str(), &from, &to],
+                )?
+            };
+            rows.iter()
+                .map(|r| Ok((r.try_get::<_, i64>(0)? as Millis, measures_at(r, 1)?)))
+                .collect()
+        })
     }
 
     fn ad_totals(
@@ -1298,27 +1407,24 @@ impl Store for PostgresStore {
         from: Millis,
         to: Millis,
     ) -> Result<Vec<(u64, Measures)>, StoreError> {
-        let mut c = self.conn()?;
-        let read = db("read totals");
-        let mut totals: std::collections::BTreeMap<u64, Measures> = Default::default();
         let advertiser = advertiser_id as i64;
-        for (g, a, b) in decompose(from, to) {
-            let (a, b) = (a as i64, b as i64);
-            let rows = if g == Granularity::Minute {
-                c.query(&minute_totals_sql(param), &[&advertiser, &a, &b])
-            } else {
-                c.query(
-                    &rollup_totals_sql(param),
-                    &[&g.as_str(), &advertiser, &a, &b],
-                )
+        let (minutes, rollups) = (minute_totals_sql(param), rollup_totals_sql(param));
+        let totals = self.read("read totals", |c| {
+            let mut totals: std::collections::BTreeMap<u64, Measures> = Default::default();
+            for (g, a, b) in decompose(from, to) {
+                let (a, b) = (a as i64, b as i64);
+                let rows = if g == Granularity::Minute {
+                    c.query_cached(&minutes, &[&advertiser, &a, &b])?
+                } else {
+                    c.query_cached(&rollups, &[&g.as_str(), &advertiser, &a, &b])?
+                };
+                for r in &rows {
+                    let ad = r.try_get::<_, i64>(0)? as u64;
+                    totals.entry(ad).or_default().add(&measures_at(r, 1)?);
+                }
             }
-            .map_err(&read)?;
-            for r in &rows {
-                let ad = r.try_get::<_, i64>(0).map_err(&read)? as u64;
-                let m = measures_at(r, 1).map_err(&read)?;
-                totals.entry(ad).or_default().add(&m);
-            }
-        }
+            Ok(totals)
+        })?;
         Ok(totals.into_iter().collect())
     }
 
@@ -1872,6 +1978,31 @@ mod tests {
             .expect("commits resume with the server");
         assert_eq!(s.committed_frontier().expect("frontier"), Some(2_000));
         assert_eq!(s.claim_writer().expect("claim").generation, 1);
+    }
+
+    /// Pooled sessions the server ended while they sat idle (a restart, an operator's
+    /// `pg_terminate_backend`) cost a read nothing, though the pool lends a session it just
+    /// took back without probing it: the read moves on to a new session.
+    #[test]
+    fn reads_move_on_from_sessions_the_server_ended() {
+        let db = TestDb::new();
+        let s = db.store();
+        s.claim_writer().expect("claim");
+        s.commit(&batch(1_000, minute_rows(3))).expect("commit");
+        for _ in 0..3 {
+            assert_eq!(s.committed_frontier().expect("frontier"), Some(1_000));
+            let ended = db.end_sessions("");
+            assert!(ended >= 1, "the pool's sessions were ended ({ended})");
+            assert_eq!(
+                s.committed_frontier()
+                    .expect("a read after its session was ended"),
+                Some(1_000)
+            );
+            let series = s
+                .click_series(MetricScope::Ad, 1, Granularity::Minute, 0, 3_600_000)
+                .expect("a series read after its session was ended");
+            assert!(!series.is_empty());
+        }
     }
 
     #[test]

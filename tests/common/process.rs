@@ -22,6 +22,8 @@ pub struct Proc {
     pub base: String,
     /// How often it was started.
     pub starts: u32,
+    /// The executable, when not [`super::clickagg_bin`] (a bench comparing two builds).
+    binary: Option<std::ffi::OsString>,
 }
 
 impl Proc {
@@ -49,7 +51,14 @@ impl Proc {
             child: None,
             base: String::new(),
             starts: 0,
+            binary: None,
         }
+    }
+
+    /// Runs `binary` from the next start on (`None`: [`super::clickagg_bin`] again).
+    #[allow(dead_code)] // only the query bench compares two builds
+    pub fn use_binary(&mut self, binary: Option<std::ffi::OsString>) {
+        self.binary = binary;
     }
 
     /// Starts it and waits (up to `limit`) until `/readyz` answers 200.
@@ -74,7 +83,8 @@ impl Proc {
             .append(true)
             .open(&self.log_path)
             .expect("process log");
-        let child = Command::new(super::clickagg_bin())
+        let binary = self.binary.clone().unwrap_or_else(super::clickagg_bin);
+        let child = Command::new(binary)
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
