@@ -26,6 +26,7 @@ pub mod record;
 pub mod secrets;
 pub mod serve;
 pub mod server;
+mod sqlite;
 pub mod store;
 pub mod time;
 pub mod token;

@@ -280,6 +280,7 @@ fn open_conn(path: &Path, read_only: bool) -> Result<Connection, LogError> {
         .map_err(|e| unavailable(&format!("open {}", path.display()), e))?;
     conn.busy_timeout(Duration::from_secs(5))
         .map_err(|e| unavailable("set busy timeout", e))?;
+    crate::sqlite::stable_plans(&conn).map_err(|e| unavailable("set stable plans", e))?;
     if !read_only {
         // WAL + FULL: every commit is fsynced before it is acknowledged.
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
@@ -451,16 +452,17 @@ struct EmbeddedReader {
     commits: Arc<Commits>,
 }
 
+/// The next records of a partition: 1 topic, 2 partition, 3 first offset, 4 limit.
+const SELECT_RECORDS: &str = "SELECT offset, record_time_ms, payload FROM records
+     WHERE topic = ?1 AND partition = ?2 AND offset >= ?3 ORDER BY offset LIMIT ?4";
+
 impl EmbeddedReader {
     fn read_snapshot(&mut self) -> Result<(Vec<PartitionBatch>, bool), rusqlite::Error> {
         let tx = self.conn.transaction()?;
         let mut batches = Vec::with_capacity(self.parts.len());
         let mut any = false;
         {
-            let mut select = tx.prepare_cached(
-                "SELECT offset, record_time_ms, payload FROM records
-                 WHERE topic = ?1 AND partition = ?2 AND offset >= ?3 ORDER BY offset LIMIT ?4",
-            )?;
+            let mut select = tx.prepare_cached(SELECT_RECORDS)?;
             let watermark: Option<i64> = tx
                 .query_row(
                     "SELECT value FROM log_meta WHERE key = 'watermark_ms'",
@@ -600,6 +602,32 @@ mod tests {
         assert_eq!(
             log.end_offsets().expect("ends")[..2],
             [(part(0), 3), (part(1), 1)]
+        );
+    }
+
+    /// A reader's statement is planned once: polling again binds new offsets, which must
+    /// not make SQLite parse and plan it anew (see `crate::sqlite::stable_plans`).
+    #[test]
+    fn a_reader_plans_its_select_once() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let log = EmbeddedLog::open(dir.path(), options()).expect("open");
+        append(&log, 0, &[b"a", b"b", b"c"]);
+        let conn = open_conn(&log.path, true).expect("reader connection");
+        let mut select = conn.prepare_cached(SELECT_RECORDS).expect("prepare");
+        for (from, limit) in [(0i64, 2i64), (1, 4096), (2, 7), (0, 4096)] {
+            let rows = select
+                .query_map(params![Topic::Clicks.code(), 0, from, limit], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .expect("query")
+                .collect::<Result<Vec<_>, _>>()
+                .expect("rows");
+            assert_eq!(rows.len() as i64, (3 - from).min(limit));
+        }
+        assert_eq!(
+            select.get_status(rusqlite::StatementStatus::RePrepare),
+            0,
+            "the select was prepared again when its parameters changed"
         );
     }
 

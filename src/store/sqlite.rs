@@ -193,6 +193,7 @@ fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(unavailable("open store"))?;
     conn.busy_timeout(Duration::from_secs(10))
         .map_err(unavailable("busy timeout"))?;
+    crate::sqlite::stable_plans(&conn).map_err(unavailable("stable plans"))?;
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
     )
@@ -221,7 +222,10 @@ impl SqliteStore {
         }
         let manager = SqliteConnectionManager::file(path)
             .with_flags(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-            .with_init(|c| c.busy_timeout(Duration::from_secs(5)));
+            .with_init(|c| {
+                c.busy_timeout(Duration::from_secs(5))?;
+                crate::sqlite::stable_plans(c)
+            });
         let readers = r2d2::Pool::builder()
             .max_size(options.read_pool_size)
             .connection_timeout(Duration::from_secs(5))
