@@ -15,7 +15,8 @@
 //! `INGEST_GET_RATE` open-loop GETs/s (20000), `INGEST_BATCH_CLICKS` closed-loop clicks per
 //! batch size (600000), `INGEST_BATCH_RATE` open-loop clicks/s (50000), `INGEST_OPEN_SECS`
 //! (10), `INGEST_BATCHES` batch sizes (`100,1000`), `INGEST_CONNECTIONS` for GETs (64),
-//! `INGEST_CLIENT_THREADS` (1), `INGEST_WORKERS` timely workers (2).
+//! `INGEST_CLIENT_THREADS` (1), `INGEST_WORKERS` timely workers (2), `INGEST_CONFIG` extra
+//! TOML appended to the server's config (`$'[archive]\nenabled = false'`).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -285,12 +286,16 @@ fn main() {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
 
-    let server = Server::start_with(
+    // Extra TOML for the server's config, to measure with a part switched off
+    // (e.g. "[archive]\nenabled = false").
+    let extra = std::env::var("INGEST_CONFIG").unwrap_or_default();
+    let server = Server::start_configured(
         TestTimes {
             tick_ms: 200,
             ..TestTimes::default()
         },
         workers,
+        &extra,
     );
     let pid = server.pid().expect("server pid");
     create_catalog(&server);
