@@ -143,8 +143,9 @@ fn measure(pipeline: bool, impressions: u64) -> (isize, f64) {
         let mut session = worker.dataflow::<Time, _, _>(|scope| {
             let (session, events) = scope.new_collection::<SourceEvent, isize>();
             if pipeline {
+                let events = clickagg::dataflow::demux::split_events(events);
                 let inputs =
-                    clickagg::dataflow::view_inputs(events, rules, finality, Default::default());
+                    clickagg::dataflow::view_inputs(&events, rules, finality, Default::default());
                 clickagg::dataflow::view_records(&inputs, clickagg::views::registry())
                     .inner
                     .probe_with(&probe);
@@ -154,7 +155,7 @@ fn measure(pipeline: bool, impressions: u64) -> (isize, f64) {
                     _ => None,
                 });
                 first_clicks(clicks, rules.lateness_ms, Default::default())
-                    .changes
+                    .on_time
                     .inner
                     .probe_with(&probe);
             }

@@ -25,9 +25,7 @@ use crate::dataflow::classify::Verdict;
 use crate::record::impression_hex;
 use crate::time::{Finality, Granularity, minute_of};
 use crate::views::ColumnType::{Id, Int, Text, Time};
-use crate::views::{
-    ClassifiedClick, ClickClass, Datum, ViewCollection, ViewDef, ViewInputs, WindowSpec, col,
-};
+use crate::views::{ClassifiedClick, Datum, ViewCollection, ViewDef, ViewInputs, WindowSpec, col};
 
 /// The view.
 pub const VIEW: ViewDef = ViewDef {
@@ -66,9 +64,8 @@ const BILLED_MS: u64 = Granularity::Minute.ms();
 fn build<'s>(inputs: &ViewInputs<'s>) -> ViewCollection<'s> {
     let finality = inputs.finality;
     inputs
-        .classified
+        .fraud
         .clone()
-        .filter(|c| c.class == ClickClass::Fraud)
         .map(|c| (c.impression_id, c))
         .antijoin(inputs.burst_flagged.clone()) // fraud by a verdict alone
         .join(inputs.first_verdicts.clone())

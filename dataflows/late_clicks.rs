@@ -4,7 +4,7 @@
 use crate::record::impression_hex;
 use crate::time::{Granularity, minute_of};
 use crate::views::ColumnType::{Id, Text, Time};
-use crate::views::{ClickClass, Datum, ViewCollection, ViewDef, ViewInputs, WindowSpec, col};
+use crate::views::{Datum, ViewCollection, ViewDef, ViewInputs, WindowSpec, col};
 
 /// The view.
 pub const VIEW: ViewDef = ViewDef {
@@ -29,22 +29,18 @@ pub const VIEW: ViewDef = ViewDef {
 };
 
 fn build<'s>(inputs: &ViewInputs<'s>) -> ViewCollection<'s> {
-    inputs
-        .classified
-        .clone()
-        .filter(|c| c.class == ClickClass::Late)
-        .map(|c| {
-            (
-                vec![
-                    Datum::Id(c.ad_id),
-                    Datum::Time(minute_of(c.event_time_ms)),
-                    Datum::Text(impression_hex(c.impression_id)),
-                ],
-                vec![
-                    Datum::Text(c.click_id.to_string()),
-                    Datum::Time(c.event_time_ms),
-                    Datum::Time(c.record_time_ms),
-                ],
-            )
-        })
+    inputs.late.clone().map(|c| {
+        (
+            vec![
+                Datum::Id(c.ad_id),
+                Datum::Time(minute_of(c.event_time_ms)),
+                Datum::Text(impression_hex(c.impression_id)),
+            ],
+            vec![
+                Datum::Text(c.click_id.to_string()),
+                Datum::Time(c.event_time_ms),
+                Datum::Time(c.record_time_ms),
+            ],
+        )
+    })
 }

@@ -9,6 +9,7 @@
 use std::net::IpAddr;
 
 use differential_dataflow::VecCollection;
+use prometheus_client::metrics::gauge::Gauge;
 use serde::{Deserialize, Serialize};
 use smol_str::SmolStr;
 
@@ -132,10 +133,20 @@ pub struct ClassifiedClick {
 }
 
 /// What every view may read.
+///
+/// A view that needs one class reads that class's collection rather than filtering
+/// `classified`: every consumer of a collection receives its own copy of each batch.
 #[derive(Clone)]
 pub struct ViewInputs<'s> {
-    /// One click per impression that had any click, classified.
+    /// One click per impression that had any click, classified: `billable`, `fraud` and
+    /// `late` together.
     pub classified: VecCollection<'s, Time, ClassifiedClick>,
+    /// The classified clicks of class `Billable`.
+    pub billable: VecCollection<'s, Time, ClassifiedClick>,
+    /// The classified clicks of class `Fraud`.
+    pub fraud: VecCollection<'s, Time, ClassifiedClick>,
+    /// The classified clicks of class `Late`.
+    pub late: VecCollection<'s, Time, ClassifiedClick>,
     /// Per impression with a live verdict, its earliest one, keyed by impression id. A
     /// `Fraud` click was flagged by this verdict, or by the burst rule, or both.
     pub first_verdicts: VecCollection<'s, Time, (u128, Verdict)>,
@@ -146,6 +157,9 @@ pub struct ViewInputs<'s> {
     /// When windows become final (the sink's rule), for views that ask what a row held
     /// when it froze.
     pub finality: Finality,
+    /// Counts the updates that in-place operators (`crate::dataflow::distinct`) hold back
+    /// until their time is complete: the gauge `clickagg_pending_updates`.
+    pub pending_updates: Gauge,
 }
 
 /// A view's output: `(key, value)` rows.

@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use differential_dataflow::hashable::Hashable;
 use differential_dataflow::{AsCollection, VecCollection};
 use hashbrown::HashMap;
+use hashbrown::hash_map::Entry;
 use prometheus_client::metrics::gauge::Gauge;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
@@ -22,7 +23,12 @@ use super::pending::Pending;
 use crate::time::Time;
 
 /// An IP and a second of event time.
-type Group = (IpAddr, u64);
+pub type Group = (IpAddr, u64);
+
+/// The group of a counted click.
+pub fn group_of(c: &Click) -> Group {
+    (c.ip, c.event_time_ms / 1000)
+}
 
 /// An impression as two words: 8-byte alignment keeps a group's slot at 56 bytes (a
 /// `u128` would align the slot to 16 and pad it to 64 or more).
@@ -95,17 +101,17 @@ fn update(members: Option<Members>, imp: u128, diff: isize) -> Option<Members> {
     }
 }
 
-/// Impressions whose counted click shares its IP and second with more than `max` others'.
+/// Impressions whose counted click shares its IP and second (`members`, see [`group_of`])
+/// with more than `max` others'.
 /// `held_back` counts the updates it holds back until their time is complete.
 pub fn ip_bursts<'s>(
-    on_time: VecCollection<'s, Time, (u128, Click)>,
+    members: VecCollection<'s, Time, (Group, u128)>,
     max: u64,
     held_back: Gauge,
 ) -> VecCollection<'s, Time, u128> {
     let by_group =
         Exchange::new(|((group, _), _, _): &((Group, u128), Time, isize)| group.hashed());
-    on_time
-        .map(|(imp, c)| ((c.ip, c.event_time_ms / 1000), imp))
+    members
         .inner
         .unary_frontier::<CapacityContainerBuilder<Vec<(u128, Time, isize)>>, _, _, _>(
             by_group,
@@ -125,20 +131,43 @@ pub fn ip_bursts<'s>(
                         updates.sort_unstable_by_key(|(group, imp, _)| (*group, *imp));
                         let mut session = output.session(&at);
                         for changes in updates.chunk_by(|a, b| a.0 == b.0) {
-                            let group = changes[0].0;
-                            let mut members = groups.remove(&group);
-                            let before = flagged(members.as_ref(), max);
-                            for (_, imp, diff) in changes {
-                                members = update(members, *imp, *diff);
-                            }
-                            let after = flagged(members.as_ref(), max);
+                            let apply = |mut members: Option<Members>| {
+                                for (_, imp, diff) in changes {
+                                    members = update(members, *imp, *diff);
+                                }
+                                members
+                            };
+                            // One lookup per group and time: the entry is changed in place.
+                            let (before, after) = match groups.entry(changes[0].0) {
+                                Entry::Occupied(mut group) => {
+                                    let before = flagged(Some(group.get()), max);
+                                    let members = std::mem::replace(
+                                        group.get_mut(),
+                                        Members::Many(Vec::new()),
+                                    );
+                                    let members = apply(Some(members));
+                                    let after = flagged(members.as_ref(), max);
+                                    match members {
+                                        Some(members) => *group.get_mut() = members,
+                                        None => {
+                                            group.remove();
+                                        }
+                                    }
+                                    (before, after)
+                                }
+                                Entry::Vacant(group) => {
+                                    let members = apply(None);
+                                    let after = flagged(members.as_ref(), max);
+                                    if let Some(members) = members {
+                                        group.insert(members);
+                                    }
+                                    (Vec::new(), after)
+                                }
+                            };
                             if before != after {
                                 session
                                     .give_iterator(before.into_iter().map(|imp| (imp, time, -1)));
                                 session.give_iterator(after.into_iter().map(|imp| (imp, time, 1)));
-                            }
-                            if let Some(members) = members {
-                                groups.insert(group, members);
                             }
                         }
                     }

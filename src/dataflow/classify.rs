@@ -72,7 +72,8 @@ impl Click {
         self.record_time_ms - self.event_time_ms <= lateness_ms
     }
 
-    fn classified(self, class: ClickClass) -> ClassifiedClick {
+    /// The click counted as `class`.
+    pub fn classified(self, class: ClickClass) -> ClassifiedClick {
         ClassifiedClick {
             impression_id: self.impression_id,
             ad_id: self.ad_id,
@@ -102,8 +103,12 @@ pub struct Verdict {
 
 /// What classification gives the views (see [`crate::views::ViewInputs`]).
 pub struct Classification<'s> {
-    /// One classified click per impression that has clicks.
-    pub classified: VecCollection<'s, Time, ClassifiedClick>,
+    /// The counted clicks of the impressions not flagged as fraud.
+    pub billable: VecCollection<'s, Time, ClassifiedClick>,
+    /// The counted clicks of flagged impressions.
+    pub fraud: VecCollection<'s, Time, ClassifiedClick>,
+    /// The counted clicks of impressions none of whose clicks came on time.
+    pub late: VecCollection<'s, Time, ClassifiedClick>,
     /// Per impression with a live verdict, its earliest one by `(time, record time)`.
     pub first_verdicts: VecCollection<'s, Time, (u128, Verdict)>,
     /// The impressions whose counted click the IP-burst rule flags, each once.
@@ -128,18 +133,9 @@ pub fn classify<'s>(
     state: StateGauges,
 ) -> Classification<'s> {
     let firsts = first_clicks(clicks, rules.lateness_ms, state.clone());
-    let on_time = firsts
-        .changes
-        .clone()
-        .flat_map(|(imp, (on_time, c))| on_time.then_some((imp, c)));
-    let late = firsts
-        .changes
-        .clone()
-        .flat_map(|(_, (on_time, c))| (!on_time).then(|| c.classified(ClickClass::Late)));
-
     let first_verdicts = first_verdicts(verdicts);
     let burst_flagged = ip_bursts(
-        on_time.clone(),
+        firsts.burst_keys.clone(),
         rules.max_clicks_per_ip_per_second,
         state.pending_updates,
     );
@@ -149,18 +145,12 @@ pub fn classify<'s>(
         .concat(burst_flagged.clone())
         .distinct_total();
     // One join for both classes, against the dedup's winners in place: no arrangement of
-    // full clicks at all. Billable is on time minus flagged, as a difference; it
-    // consolidates downstream like any collection.
-    let flagged_on_time = firsts.flagged_on_time(flagged);
-    let fraud = flagged_on_time
-        .clone()
-        .map(|(_, c)| c.classified(ClickClass::Fraud));
-    let billable = on_time
-        .concat(flagged_on_time.negate())
-        .map(|(_, c)| c.classified(ClickClass::Billable));
-
+    // full clicks at all.
+    let on_time = firsts.classify_on_time(flagged);
     Classification {
-        classified: billable.concat(fraud).concat(late),
+        billable: on_time.billable,
+        fraud: on_time.fraud,
+        late: firsts.late,
         first_verdicts,
         burst_flagged,
     }

@@ -8,7 +8,7 @@
 //! impression and how many identical copies of it are live. So it keeps that in a hash
 //! map, updated in place as times complete, the way Materialize's upsert operator keeps
 //! its state, and emits the winner's changes as a collection. The fraud join
-//! ([`FirstClicks::flagged_on_time`]) reads the same map, so no arrangement holds the
+//! ([`FirstClicks::classify_on_time`]) reads the same map, so no arrangement holds the
 //! winners either.
 //!
 //! What it forgets are the losers. A `reduce` promotes the next-best live copy when the
@@ -28,20 +28,31 @@ use differential_dataflow::{AsCollection, VecCollection};
 use hashbrown::{DefaultHashBuilder, HashTable};
 use prometheus_client::metrics::gauge::Gauge;
 use timely::container::CapacityContainerBuilder;
+use timely::dataflow::Stream;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
-use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::generic::OutputBuilder;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 
 use super::StateGauges;
+use super::bursts::{Group, group_of};
 use super::classify::Click;
 use super::pending::Pending;
 use crate::time::Time;
+use crate::views::{ClassifiedClick, ClickClass};
 
-/// The dedup's output: per impression the click that counts and whether it was on time,
-/// as changes, and the winners themselves, which [`FirstClicks::flagged_on_time`] reads in
+/// The dedup's output: the changes of each impression's winner, split by what reads
+/// them, and the winners themselves, which [`FirstClicks::classify_on_time`] reads in
 /// place of an arrangement.
+///
+/// The split is made where the changes arise: a stream with several consumers is copied
+/// for all but one of them, and a winner's click is the largest record of the dataflow.
 pub struct FirstClicks<'s> {
-    /// `(impression, (on time, click))` for each impression's winner.
-    pub changes: VecCollection<'s, Time, (u128, (bool, Click))>,
+    /// Winners that were on time, for the fraud join.
+    pub on_time: VecCollection<'s, Time, Click>,
+    /// Winners no copy of which arrived on time: counted as late.
+    pub late: VecCollection<'s, Time, ClassifiedClick>,
+    /// The IP-burst group of each on-time winner (see [`super::bursts`]).
+    pub burst_keys: VecCollection<'s, Time, (Group, u128)>,
     winners: Rc<RefCell<Winners>>,
     pending_updates: Gauge,
 }
@@ -57,8 +68,72 @@ struct Slot {
 }
 
 /// Whether a slot is the one of `imp`, for lookups in the table of [`Winners`].
-fn slot_of(clicks: &[Click], imp: u128) -> impl Fn(&Slot) -> bool + '_ {
+fn slot_of(clicks: &DenseClicks, imp: u128) -> impl Fn(&Slot) -> bool + '_ {
     move |s| clicks[s.at as usize].impression_id == imp
+}
+
+/// Clicks stored densely, in chunks of a fixed size.
+///
+/// One `Vec` of every winner doubles as it grows: each doubling copies every click held
+/// (a 4.5M-impression backlog copied 576 MB at its last one, a tenth of the dedup's time
+/// in `bench/dataflow.rs`) and briefly holds the old and the new buffer, three times the
+/// state, which set the process's peak memory. Chunks are never moved: growing adds one.
+#[derive(Debug, Default)]
+struct DenseClicks {
+    chunks: Vec<Vec<Click>>,
+    len: usize,
+}
+
+/// Clicks per chunk: 8 MiB of 128-byte clicks.
+const CHUNK: usize = 1 << 16;
+
+impl DenseClicks {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn get(&self, at: usize) -> Option<&Click> {
+        self.chunks.get(at / CHUNK)?.get(at % CHUNK)
+    }
+
+    fn push(&mut self, click: Click) {
+        if self.len.is_multiple_of(CHUNK) && self.chunks.len() == self.len / CHUNK {
+            self.chunks.push(Vec::with_capacity(CHUNK));
+        }
+        self.chunks[self.len / CHUNK].push(click);
+        self.len += 1;
+    }
+
+    /// Removes the click at `at`; the last click takes its place.
+    fn swap_remove(&mut self, at: usize) -> Click {
+        let last_chunk = (self.len - 1) / CHUNK;
+        let Some(last) = self.chunks[last_chunk].pop() else {
+            unreachable!("a chunk below the length is not empty");
+        };
+        self.len -= 1;
+        // Keep one empty chunk at the end, so a size that hovers at a chunk boundary does
+        // not allocate and free 8 MiB on every other click.
+        if self.chunks.len() > last_chunk + 2 {
+            self.chunks.truncate(last_chunk + 2);
+        }
+        if at == self.len {
+            return last;
+        }
+        std::mem::replace(&mut self[at], last)
+    }
+}
+
+impl std::ops::Index<usize> for DenseClicks {
+    type Output = Click;
+    fn index(&self, at: usize) -> &Click {
+        &self.chunks[at / CHUNK][at % CHUNK]
+    }
+}
+
+impl std::ops::IndexMut<usize> for DenseClicks {
+    fn index_mut(&mut self, at: usize) -> &mut Click {
+        &mut self.chunks[at / CHUNK][at % CHUNK]
+    }
 }
 
 /// Whether `(a, a_on_time)` beats `(b, b_on_time)`: on time before late, then the earliest
@@ -70,7 +145,7 @@ fn beats(a: &Click, a_on_time: bool, b: &Click, b_on_time: bool) -> bool {
 
 /// The winners of the impressions one worker owns.
 ///
-/// The clicks sit densely in one vector (a removal moves the last one into the gap) and
+/// The clicks sit densely in fixed-size chunks (a removal moves the last one into the gap) and
 /// a hash table of 8-byte slots finds them by impression: about 128 bytes of click and
 /// 8 to 18 bytes of table per impression, with no per-entry allocation and no batch to
 /// merge. Whether a winner is on time is not stored; it follows from the click.
@@ -79,7 +154,7 @@ pub struct Winners {
     lateness_ms: u64,
     hasher: DefaultHashBuilder,
     slots: HashTable<Slot>,
-    clicks: Vec<Click>,
+    clicks: DenseClicks,
 }
 
 impl Winners {
@@ -98,7 +173,7 @@ impl Winners {
 
     /// Whether no impression has a winner.
     pub fn is_empty(&self) -> bool {
-        self.clicks.is_empty()
+        self.clicks.len() == 0
     }
 
     /// The winner of `imp` and whether it was on time.
@@ -116,31 +191,28 @@ impl Winners {
     pub fn apply(
         &mut self,
         time: Time,
-        updates: &mut [(Click, isize)],
+        mut updates: Vec<(Click, isize)>,
         mut emit: impl FnMut(WinnerUpdate),
     ) {
         updates.sort_unstable_by_key(|(_, diff)| *diff);
-        for (click, diff) in updates.iter() {
+        for (click, diff) in updates {
             let copies = u32::try_from(diff.unsigned_abs()).unwrap_or(u32::MAX);
-            if *diff < 0 {
-                self.expire(time, click, copies, &mut emit);
-            } else if *diff > 0 {
+            if diff < 0 {
+                self.expire(time, &click, copies, &mut emit);
+            } else if diff > 0 {
                 self.insert(time, click, copies, &mut emit);
             }
         }
     }
 
-    fn output(&self, click: &Click) -> (u128, (bool, Click)) {
-        (
-            click.impression_id,
-            (click.on_time(self.lateness_ms), click.clone()),
-        )
+    fn output(lateness_ms: u64, click: Click) -> (u128, (bool, Click)) {
+        (click.impression_id, (click.on_time(lateness_ms), click))
     }
 
     fn insert(
         &mut self,
         time: Time,
-        click: &Click,
+        click: Click,
         copies: u32,
         emit: &mut impl FnMut(WinnerUpdate),
     ) {
@@ -152,28 +224,30 @@ impl Winners {
             hasher,
             lateness_ms,
         } = self;
+        let lateness_ms = *lateness_ms;
         let Some(slot) = slots.find_mut(hash, slot_of(clicks, imp)) else {
             let at = u32::try_from(clicks.len()).unwrap_or(u32::MAX);
-            clicks.push(click.clone());
+            emit((Self::output(lateness_ms, click.clone()), time, 1));
+            clicks.push(click);
             slots.insert_unique(hash, Slot { at, copies }, |s| {
                 hasher.hash_one(clicks[s.at as usize].impression_id)
             });
-            emit((self.output(click), time, 1));
             return;
         };
         let winner = &mut clicks[slot.at as usize];
-        if *winner == *click {
+        if *winner == click {
             slot.copies = slot.copies.saturating_add(copies);
         } else if beats(
-            click,
-            click.on_time(*lateness_ms),
+            &click,
+            click.on_time(lateness_ms),
             winner,
-            winner.on_time(*lateness_ms),
+            winner.on_time(lateness_ms),
         ) {
-            let old = std::mem::replace(winner, click.clone());
+            let new = Self::output(lateness_ms, click.clone());
+            let old = std::mem::replace(winner, click);
             slot.copies = copies;
-            emit((self.output(&old), time, -1));
-            emit((self.output(click), time, 1));
+            emit((Self::output(lateness_ms, old), time, -1));
+            emit((new, time, 1));
         }
     }
 
@@ -214,9 +288,12 @@ impl Winners {
                 s.at = at as u32;
             }
         }
-        emit((self.output(&old), time, -1));
+        emit((Self::output(self.lateness_ms, old), time, -1));
     }
 }
+
+/// An output of an operator built here: `(data, time, diff)` in vectors.
+type Out<D> = OutputBuilder<Time, CapacityContainerBuilder<Vec<(D, Time, isize)>>>;
 
 /// Per impression, the click that counts, and whether it was on time: the dedup.
 /// `state` reports the impressions it holds and the updates it holds back.
@@ -235,146 +312,197 @@ pub fn first_clicks<'s>(
     // The same hash as differential's exchanges by impression, so the flags the fraud
     // join receives come to the worker that holds their impression's winner.
     let by_impression = Exchange::new(|(c, _, _): &(Click, Time, isize)| c.impression_id.hashed());
-    let changes = clicks
-        .inner
-        .unary_frontier::<CapacityContainerBuilder<Vec<WinnerUpdate>>, _, _, _>(
-            by_impression,
-            "Dedup",
-            move |_capability, _info| {
-                let mut pending: Pending<(Click, isize)> = Pending::new(pending_updates);
-                let mut reported = 0i64;
-                move |(input, frontier), output| {
-                    input.for_each(|cap, data| {
-                        let updates = data.drain(..).map(|(click, t, diff)| (t, (click, diff)));
-                        pending.stash(&cap, updates);
-                    });
-                    let mut winners = state.borrow_mut();
-                    while let Some(time) = pending.earliest().filter(|t| !frontier.less_equal(t))
-                        && let Some(at) = pending.capability_for(time)
-                    {
-                        let mut updates = pending.take(time);
-                        let mut session = output.session(&at);
-                        winners.apply(time, &mut updates, |update| session.give(update));
+    let mut builder = OperatorBuilder::new("Dedup".to_owned(), clicks.inner.scope());
+    let mut input = builder.new_input(clicks.inner, by_impression);
+    let (on_time_out, on_time) = builder.new_output();
+    let (late_out, late) = builder.new_output();
+    let (bursts_out, burst_keys) = builder.new_output();
+    let mut on_time_out: Out<Click> = OutputBuilder::from(on_time_out);
+    let mut late_out: Out<ClassifiedClick> = OutputBuilder::from(late_out);
+    let mut bursts_out: Out<(Group, u128)> = OutputBuilder::from(bursts_out);
+    builder.build(move |_initial_capabilities| {
+        let mut pending: Pending<(Click, isize)> = Pending::with_outputs(pending_updates, 3);
+        let mut reported = 0i64;
+        move |frontiers| {
+            input.for_each(|cap, data| {
+                let updates = data.drain(..).map(|(click, t, diff)| (t, (click, diff)));
+                pending.stash(&cap, updates);
+            });
+            let (mut on_time, mut late, mut bursts) = (
+                on_time_out.activate(),
+                late_out.activate(),
+                bursts_out.activate(),
+            );
+            let mut winners = state.borrow_mut();
+            while let Some(time) = pending.earliest().filter(|t| !frontiers[0].less_equal(t))
+                && let Some(caps) = pending.capabilities_for(time)
+            {
+                let updates = pending.take(time);
+                let (mut on_time, mut late, mut bursts) = (
+                    on_time.session(&caps[0]),
+                    late.session(&caps[1]),
+                    bursts.session(&caps[2]),
+                );
+                winners.apply(time, updates, |((imp, (was_on_time, click)), t, diff)| {
+                    if was_on_time {
+                        bursts.give(((group_of(&click), imp), t, diff));
+                        on_time.give((click, t, diff));
+                    } else {
+                        late.give((click.classified(ClickClass::Late), t, diff));
                     }
-                    pending.settle();
-                    let now = winners.len() as i64;
-                    dedup_impressions.inc_by(now - reported);
-                    reported = now;
-                }
-            },
-        )
-        .as_collection();
+                });
+            }
+            pending.settle();
+            let now = winners.len() as i64;
+            dedup_impressions.inc_by(now - reported);
+            reported = now;
+        }
+    });
     FirstClicks {
-        changes,
+        on_time: on_time.as_collection(),
+        late: late.as_collection(),
+        burst_keys: burst_keys.as_collection(),
         winners,
         pending_updates: held_back,
     }
 }
 
-/// A change of a winner as the fraud join receives it.
-type Change = ((u128, (bool, Click)), isize);
+/// A change of an on-time winner as the fraud join receives it.
+type Change = (Click, isize);
 
-/// The winners of `imps` as of the time before the `later` changes: the dedup's winners
-/// now, with the changes of later times undone, the last first.
-fn winners_before<'a>(
+/// The on-time winners of `imps` as of the time before the `later` changes: the dedup's
+/// winners now, with the on-time changes of later times undone, the last first.
+///
+/// The dedup's late changes are not among them, and need not be: the first on-time change
+/// of an impression after the time says what its on-time winner was then (a retraction:
+/// that click; an addition: none), and with no on-time change after it, whether its
+/// winner was on time has not changed since.
+fn on_time_winners_before<'a>(
     winners: &Winners,
     later: impl DoubleEndedIterator<Item = &'a Change>,
     imps: impl Iterator<Item = u128>,
-) -> HashMap<u128, Option<(bool, Click)>> {
-    let mut at: HashMap<u128, Option<(bool, Click)>> = imps
-        .map(|imp| (imp, winners.get(imp).map(|(on, c)| (on, c.clone()))))
+) -> HashMap<u128, Option<Click>> {
+    let mut at: HashMap<u128, Option<Click>> = imps
+        .map(|imp| {
+            let on_time = winners.get(imp).filter(|(on, _)| *on);
+            (imp, on_time.map(|(_, c)| c.clone()))
+        })
         .collect();
-    for ((imp, (on_time, click)), diff) in later.rev() {
-        if let Some(winner) = at.get_mut(imp) {
-            *winner = (*diff < 0).then(|| (*on_time, click.clone()));
+    for (click, diff) in later.rev() {
+        if let Some(winner) = at.get_mut(&click.impression_id) {
+            *winner = (*diff < 0).then(|| click.clone());
         }
     }
     at
 }
 
+/// The billable and fraud clicks: on-time winners, unflagged and flagged.
+pub struct OnTimeClasses<'s> {
+    /// On-time winners of impressions not flagged.
+    pub billable: VecCollection<'s, Time, ClassifiedClick>,
+    /// On-time winners of flagged impressions.
+    pub fraud: VecCollection<'s, Time, ClassifiedClick>,
+}
+
 impl<'s> FirstClicks<'s> {
-    /// The on-time winners of the impressions in `flagged`: the fraud join, a differential
-    /// join (`Δwinners x flagged + winners' x Δflagged`) that reads the dedup's winners in
-    /// place instead of an arrangement of them.
+    /// The on-time winners classified by `flagged` (each impression at most once): a
+    /// differential join (`Δwinners x flagged + winners' x Δflagged`) that reads the
+    /// dedup's winners in place instead of an arrangement of them, and hands each change
+    /// to billable or fraud (billable is on time minus flagged).
     ///
     /// It runs on the worker that holds the winners, after the dedup in each of its
     /// activations, so the dedup's map is ahead of the time being joined by exactly the
     /// changes this operator has received and not yet applied; undoing those gives the
     /// winners as of that time.
-    pub fn flagged_on_time(
-        &self,
-        flagged: VecCollection<'s, Time, u128>,
-    ) -> VecCollection<'s, Time, (u128, Click)> {
+    pub fn classify_on_time(&self, flagged: VecCollection<'s, Time, u128>) -> OnTimeClasses<'s> {
         let winners = Rc::clone(&self.winners);
         let held = self.pending_updates.clone();
         let by_impression = Exchange::new(|(imp, _, _): &(u128, Time, isize)| imp.hashed());
-        type Out = ((u128, Click), Time, isize);
-        self.changes
-            .inner
-            .clone()
-            .binary_frontier::<_, CapacityContainerBuilder<Vec<Out>>, _, _, _, _>(
-                flagged.inner,
-                Pipeline,
-                by_impression,
-                "FraudJoin",
-                move |_capability, _info| {
-                    let mut changes: Pending<Change> = Pending::new(held.clone());
-                    let mut flags: Pending<(u128, isize)> = Pending::new(held);
-                    let mut flagged: HashMap<u128, isize> = HashMap::new();
-                    move |(input1, frontier1), (input2, frontier2), output| {
-                        input1.for_each(|cap, data| {
-                            changes.stash(&cap, data.drain(..).map(|(c, t, r)| (t, (c, r))));
-                        });
-                        input2.for_each(|cap, data| {
-                            flags.stash(&cap, data.drain(..).map(|(imp, t, r)| (t, (imp, r))));
-                        });
-                        let complete =
-                            |t: &Time| !frontier1.less_equal(t) && !frontier2.less_equal(t);
-                        while let Some(next) =
-                            changes.earliest().into_iter().chain(flags.earliest()).min()
-                            && complete(&next)
-                            && let Some(at) = changes
-                                .capability_for(next)
-                                .or_else(|| flags.capability_for(next))
-                        {
-                            let mut session = output.session(&at);
-                            // New winners against the flags before this time.
-                            for ((imp, (on_time, click)), diff) in changes.take(next) {
-                                if let Some(n) = flagged.get(&imp).filter(|_| on_time) {
-                                    session.give(((imp, click), next, diff * *n));
-                                }
-                            }
-                            // New flags against the winners as of this time.
-                            let mut delta: HashMap<u128, isize> = HashMap::new();
-                            for (imp, diff) in flags.take(next) {
-                                *delta.entry(imp).or_default() += diff;
-                            }
-                            delta.retain(|_, d| *d != 0);
-                            if delta.is_empty() {
-                                continue;
-                            }
-                            let current = winners_before(
-                                &winners.borrow(),
-                                changes.after(next),
-                                delta.keys().copied(),
-                            );
-                            for (imp, diff) in delta {
-                                if let Some(Some((true, click))) = current.get(&imp) {
-                                    session.give(((imp, click.clone()), next, diff));
-                                }
-                                let n = flagged.entry(imp).or_default();
-                                *n += diff;
-                                if *n == 0 {
-                                    flagged.remove(&imp);
-                                }
-                            }
+        let mut builder = OperatorBuilder::new("FraudJoin".to_owned(), self.on_time.inner.scope());
+        let mut input1 = builder.new_input(self.on_time.inner.clone(), Pipeline);
+        let mut input2 = builder.new_input(flagged.inner, by_impression);
+        let (billable_out, billable): (_, Stream<'s, Time, _>) = builder.new_output();
+        let (fraud_out, fraud): (_, Stream<'s, Time, _>) = builder.new_output();
+        let mut billable_out: Out<ClassifiedClick> = OutputBuilder::from(billable_out);
+        let mut fraud_out: Out<ClassifiedClick> = OutputBuilder::from(fraud_out);
+        builder.build(move |_initial_capabilities| {
+            let mut changes: Pending<Change> = Pending::with_outputs(held.clone(), 2);
+            let mut flags: Pending<(u128, isize)> = Pending::with_outputs(held, 2);
+            let mut flagged: HashMap<u128, isize> = HashMap::new();
+            move |frontiers| {
+                input1.for_each(|cap, data| {
+                    changes.stash(&cap, data.drain(..).map(|(c, t, r)| (t, (c, r))));
+                });
+                input2.for_each(|cap, data| {
+                    flags.stash(&cap, data.drain(..).map(|(imp, t, r)| (t, (imp, r))));
+                });
+                let (mut billable, mut fraud) = (billable_out.activate(), fraud_out.activate());
+                let complete =
+                    |t: &Time| !frontiers[0].less_equal(t) && !frontiers[1].less_equal(t);
+                while let Some(next) = changes.earliest().into_iter().chain(flags.earliest()).min()
+                    && complete(&next)
+                    && let Some(caps) = changes
+                        .capabilities_for(next)
+                        .or_else(|| flags.capabilities_for(next))
+                {
+                    let mut billable = billable.session(&caps[0]);
+                    let mut fraud = fraud.session(&caps[1]);
+                    // New winners against the flags before this time.
+                    for (click, diff) in changes.take(next) {
+                        let n = flagged.get(&click.impression_id).copied().unwrap_or(0);
+                        if n != 0 {
+                            fraud.give((
+                                click.clone().classified(ClickClass::Fraud),
+                                next,
+                                diff * n,
+                            ));
                         }
-                        changes.settle();
-                        flags.settle();
+                        if n != 1 {
+                            billable.give((
+                                click.classified(ClickClass::Billable),
+                                next,
+                                diff * (1 - n),
+                            ));
+                        }
                     }
-                },
-            )
-            .as_collection()
+                    // New flags against the winners as of this time.
+                    let mut delta: HashMap<u128, isize> = HashMap::new();
+                    for (imp, diff) in flags.take(next) {
+                        *delta.entry(imp).or_default() += diff;
+                    }
+                    delta.retain(|_, d| *d != 0);
+                    if delta.is_empty() {
+                        continue;
+                    }
+                    let current = on_time_winners_before(
+                        &winners.borrow(),
+                        changes.after(next),
+                        delta.keys().copied(),
+                    );
+                    for (imp, diff) in delta {
+                        if let Some(Some(click)) = current.get(&imp) {
+                            fraud.give((click.clone().classified(ClickClass::Fraud), next, diff));
+                            billable.give((
+                                click.clone().classified(ClickClass::Billable),
+                                next,
+                                -diff,
+                            ));
+                        }
+                        let n = flagged.entry(imp).or_default();
+                        *n += diff;
+                        if *n == 0 {
+                            flagged.remove(&imp);
+                        }
+                    }
+                }
+                changes.settle();
+                flags.settle();
+            }
+        });
+        OnTimeClasses {
+            billable: billable.as_collection(),
+            fraud: fraud.as_collection(),
+        }
     }
 }
 
@@ -405,7 +533,7 @@ mod tests {
         updates: &[(Click, isize)],
     ) -> Vec<(bool, String, isize)> {
         let mut out = Vec::new();
-        w.apply(time, &mut updates.to_vec(), |((_, (on, c)), t, d)| {
+        w.apply(time, updates.to_vec(), |((_, (on, c)), t, d)| {
             assert_eq!(t, time);
             out.push((on, c.click_id.to_string(), d));
         });

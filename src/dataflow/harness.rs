@@ -10,6 +10,7 @@ use timely::dataflow::operators::capture::{Capture, Extract};
 use timely::dataflow::operators::vec::unordered_input::UnorderedInput;
 
 use super::classify::Rules;
+use super::demux::split_events;
 use super::sink::SinkRecord;
 use super::source::SourceEvent;
 use super::{view_inputs, view_records};
@@ -50,7 +51,8 @@ pub fn run_views(
         let (mut input, capability) = worker.dataflow::<Time, _, _>(|scope| {
             let ((input, capability), stream) =
                 scope.new_unordered_input::<(SourceEvent, Time, isize)>();
-            let inputs = view_inputs(stream.as_collection(), rules, finality, Default::default());
+            let events = split_events(stream.as_collection());
+            let inputs = view_inputs(&events, rules, finality, Default::default());
             view_records(&inputs, views).inner.capture_into(send);
             (input, capability)
         });

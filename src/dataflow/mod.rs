@@ -4,6 +4,8 @@ pub mod arrangements;
 pub mod bursts;
 pub mod classify;
 pub mod dedup;
+pub mod demux;
+pub mod distinct;
 pub mod harness;
 pub mod pending;
 pub mod sink;
@@ -20,8 +22,9 @@ use timely::communication::WorkerGuards;
 use timely::dataflow::operators::Probe;
 
 use self::classify::{Rules, classify, latest_ads};
+use self::demux::{SourceStreams, split_events};
 use self::sink::{Handoff, SinkRecord, SinkSpec, SinkStatus, click_sink, spawn_writer};
-use self::source::{Replay, SourceEvent, SourceSpec, log_source};
+use self::source::{Replay, SourceSpec, log_source};
 use crate::cluster::{ClusterSpec, Heartbeat, Liveness, Watchdog, agree_on_recovery};
 use crate::log::{ADS_PARTITION, Log, LogPosition, all_partitions};
 use crate::metrics::Metrics;
@@ -43,30 +46,28 @@ pub struct StateGauges {
 /// The inputs every view reads, built from the source's events; `state` reports what the
 /// in-place operators hold.
 pub fn view_inputs<'s>(
-    events: VecCollection<'s, Time, SourceEvent>,
+    events: &SourceStreams<'s>,
     rules: Rules,
     finality: Finality,
     state: StateGauges,
 ) -> ViewInputs<'s> {
-    let clicks = events.clone().flat_map(|e| match e {
-        SourceEvent::Click(c) => Some(c),
-        _ => None,
-    });
-    let verdicts = events.clone().flat_map(|e| match e {
-        SourceEvent::Verdict(v) => Some(v),
-        _ => None,
-    });
-    let ads = events.flat_map(|e| match e {
-        SourceEvent::Ad(offset, record) => Some((offset, record)),
-        _ => None,
-    });
-    let classification = classify(clicks, verdicts, rules, state);
+    let pending_updates = state.pending_updates.clone();
+    let classification = classify(events.clicks.clone(), events.verdicts.clone(), rules, state);
+    let classified = classification
+        .billable
+        .clone()
+        .concat(classification.fraud.clone())
+        .concat(classification.late.clone());
     ViewInputs {
-        classified: classification.classified,
+        classified,
+        billable: classification.billable,
+        fraud: classification.fraud,
+        late: classification.late,
         first_verdicts: classification.first_verdicts,
         burst_flagged: classification.burst_flagged,
-        ads: latest_ads(ads),
+        ads: latest_ads(events.ads.clone()),
         finality,
+        pending_updates,
     }
 }
 
@@ -84,17 +85,6 @@ pub fn view_records<'s>(
         })
     });
     differential_dataflow::collection::concatenate(scope, each)
-}
-
-/// The source's position markers and click counts, for the sink.
-fn position_records<'s>(
-    events: VecCollection<'s, Time, SourceEvent>,
-) -> VecCollection<'s, Time, SinkRecord> {
-    events.flat_map(|e| match e {
-        SourceEvent::Position(p, pos) => Some(SinkRecord::Position(p, pos)),
-        SourceEvent::ClicksRead(n) => Some(SinkRecord::ClicksRead(n)),
-        _ => None,
-    })
 }
 
 /// How to run the dataflow.
@@ -319,9 +309,9 @@ impl Engine {
             worker.dataflow::<Time, _, _>(move |scope| {
                 // The sink's input frontier paces the source (see `source::MAX_STEP`).
                 let done = timely::dataflow::ProbeHandle::new();
-                let events = log_source(scope, source_spec, done.clone());
-                let inputs = view_inputs(events.clone(), rules, finality, state);
-                let records = view_records(&inputs, views).concat(position_records(events));
+                let events = split_events(log_source(scope, source_spec, done.clone()));
+                let inputs = view_inputs(&events, rules, finality, state);
+                let records = view_records(&inputs, views).concat(events.progress);
                 let records = records.inner.probe_with(&done).as_collection();
                 click_sink(records, sink_spec);
             });

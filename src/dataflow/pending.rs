@@ -9,20 +9,30 @@ use timely::dataflow::operators::{Capability, InputCapability};
 
 use crate::time::Time;
 
-/// Updates by their own time, and a capability at or before the earliest of them.
+/// Updates by their own time, and a capability per output port at or before the earliest
+/// of them.
 #[derive(Debug)]
 pub struct Pending<D> {
     by_time: BTreeMap<Time, Vec<D>>,
-    capability: Option<Capability<Time>>,
+    /// One per output port, all at the same time; empty when nothing is held back.
+    capabilities: Vec<Capability<Time>>,
+    outputs: usize,
     held: Gauge,
 }
 
 impl<D> Pending<D> {
-    /// Nothing held back yet; `held` counts the updates held back (shared by operators).
+    /// Nothing held back yet, for an operator with one output; `held` counts the updates
+    /// held back (shared by operators).
     pub fn new(held: Gauge) -> Pending<D> {
+        Pending::with_outputs(held, 1)
+    }
+
+    /// Nothing held back yet, for an operator with `outputs` output ports.
+    pub fn with_outputs(held: Gauge, outputs: usize) -> Pending<D> {
         Pending {
             by_time: BTreeMap::new(),
-            capability: None,
+            capabilities: Vec::new(),
+            outputs,
             held,
         }
     }
@@ -30,9 +40,11 @@ impl<D> Pending<D> {
     /// Holds back the updates of one message received under `cap`.
     pub fn stash(&mut self, cap: &InputCapability<Time>, updates: impl Iterator<Item = (Time, D)>) {
         if let Some(least) = cap.least()
-            && self.capability.as_ref().is_none_or(|c| least < c.time())
+            && self.capabilities.first().is_none_or(|c| least < c.time())
         {
-            self.capability = cap.retain_least(0);
+            self.capabilities = (0..self.outputs)
+                .filter_map(|port| cap.retain_least(port))
+                .collect();
         }
         let mut n = 0;
         for (time, update) in updates {
@@ -47,12 +59,19 @@ impl<D> Pending<D> {
         self.by_time.keys().next().copied()
     }
 
-    /// A capability for `time`, if this holds one at or before it.
+    /// A capability for `time` on the first output, if this holds one at or before it.
     pub fn capability_for(&self, time: Time) -> Option<Capability<Time>> {
-        self.capability
-            .as_ref()
+        self.capabilities
+            .first()
             .filter(|c| *c.time() <= time)
             .map(|c| c.delayed(&time))
+    }
+
+    /// Capabilities for `time`, one per output port, if this holds them at or before it.
+    pub fn capabilities_for(&self, time: Time) -> Option<Vec<Capability<Time>>> {
+        let first = self.capabilities.first()?;
+        (*first.time() <= time)
+            .then(|| self.capabilities.iter().map(|c| c.delayed(&time)).collect())
     }
 
     /// Takes the updates of `time` out.
@@ -69,11 +88,14 @@ impl<D> Pending<D> {
             .flat_map(|(_, updates)| updates.iter())
     }
 
-    /// Moves the capability up to the earliest time still held back, or drops it.
+    /// Moves the capabilities up to the earliest time still held back, or drops them.
     pub fn settle(&mut self) {
-        match (self.earliest(), self.capability.as_mut()) {
-            (Some(next), Some(c)) => c.downgrade(&next),
-            _ => self.capability = None,
+        match self.earliest() {
+            Some(next) => self
+                .capabilities
+                .iter_mut()
+                .for_each(|c| c.downgrade(&next)),
+            None => self.capabilities.clear(),
         }
     }
 }

@@ -13,12 +13,15 @@
 //! windows that are final at an update's time are not stored (those updates are expiry
 //! retractions of the horizon, or corrections too late to take).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use differential_dataflow::VecCollection;
+// A commit hashes every row update of its times once: SipHash's resistance to chosen keys
+// buys nothing for keys the dataflow made.
+use hashbrown::HashMap;
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Exchange;
@@ -301,7 +304,8 @@ pub fn click_sink(records: VecCollection<'_, Time, SinkRecord>, spec: SinkSpec) 
     // the store would then skip worker 0's real batch for that `upper` as already stored.
     // Worker indexes are global across a cluster's processes: only process 0 has worker 0.
     let committer = records.inner.scope().index() == 0;
-    let mut pending: Vec<(SinkRecord, Time, isize)> = Vec::new();
+    // Updates by time, so the ones before a new `upper` split off without moving the rest.
+    let mut pending: BTreeMap<Time, Vec<(SinkRecord, isize)>> = BTreeMap::new();
     let mut last_upper = as_of;
     let mut last_offer = Instant::now();
     let classes = ClassColumns::of(views);
@@ -310,7 +314,11 @@ pub fn click_sink(records: VecCollection<'_, Time, SinkRecord>, spec: SinkSpec) 
     records
         .inner
         .sink(to_worker_zero, "ClickSink", move |(input, frontier)| {
-            input.for_each(|_, data| pending.append(data));
+            input.for_each(|_, data| {
+                for (record, time, diff) in data.drain(..) {
+                    pending.entry(time).or_default().push((record, diff));
+                }
+            });
             if let Some(&f) = frontier.frontier().as_option() {
                 status.observe(f);
             }
@@ -326,11 +334,13 @@ pub fn click_sink(records: VecCollection<'_, Time, SinkRecord>, spec: SinkSpec) 
             if upper <= last_upper {
                 return;
             }
-            let (ready, later): (Vec<_>, Vec<_>) =
-                pending.drain(..).partition(|(_, t, _)| *t < upper);
-            pending = later;
+            let later = pending.split_off(&upper);
+            let ready = std::mem::replace(&mut pending, later);
 
             let mut rows: HashMap<(u16, Row), Vec<(Row, isize)>> = HashMap::new();
+            let ready = ready
+                .into_iter()
+                .flat_map(|(time, updates)| updates.into_iter().map(move |(r, d)| (r, time, d)));
             for (record, time, diff) in ready {
                 if time < as_of {
                     continue;
