@@ -27,7 +27,6 @@ use differential_dataflow::hashable::Hashable;
 use differential_dataflow::{AsCollection, VecCollection};
 use hashbrown::{DefaultHashBuilder, HashTable};
 use prometheus_client::metrics::gauge::Gauge;
-use timely::container::CapacityContainerBuilder;
 use timely::dataflow::Stream;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::OutputBuilder;
@@ -36,6 +35,7 @@ use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use super::StateGauges;
 use super::bursts::{Group, group_of};
 use super::classify::Click;
+use super::demux::Out;
 use super::pending::Pending;
 use crate::time::Time;
 use crate::views::{ClassifiedClick, ClickClass};
@@ -291,9 +291,6 @@ impl Winners {
         emit((Self::output(self.lateness_ms, old), time, -1));
     }
 }
-
-/// An output of an operator built here: `(data, time, diff)` in vectors.
-type Out<D> = OutputBuilder<Time, CapacityContainerBuilder<Vec<(D, Time, isize)>>>;
 
 /// Per impression, the click that counts, and whether it was on time: the dedup.
 /// `state` reports the impressions it holds and the updates it holds back.

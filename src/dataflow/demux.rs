@@ -29,7 +29,8 @@ pub struct SourceStreams<'s> {
     pub progress: VecCollection<'s, Time, SinkRecord>,
 }
 
-type Out<D> = OutputBuilder<Time, CapacityContainerBuilder<Vec<(D, Time, isize)>>>;
+/// An output of an operator with several: `(data, time, diff)` in vectors.
+pub(crate) type Out<D> = OutputBuilder<Time, CapacityContainerBuilder<Vec<(D, Time, isize)>>>;
 
 /// Splits `events` by kind, moving each into its stream.
 pub fn split_events<'s>(events: VecCollection<'s, Time, SourceEvent>) -> SourceStreams<'s> {
