@@ -124,12 +124,10 @@ pub fn ip_bursts<'s>(
                         let updates = data.drain(..).map(|((g, imp), t, r)| (t, (g, imp, r)));
                         pending.stash(&cap, updates);
                     });
-                    while let Some(time) = pending.earliest().filter(|t| !frontier.less_equal(t))
-                        && let Some(at) = pending.capability_for(time)
-                    {
-                        let mut updates = pending.take(time);
+                    let complete = |t: &Time| !frontier.less_equal(t);
+                    pending.drain_complete(complete, |time, at, mut updates| {
                         updates.sort_unstable_by_key(|(group, imp, _)| (*group, *imp));
-                        let mut session = output.session(&at);
+                        let mut session = output.session(&at[0]);
                         for changes in updates.chunk_by(|a, b| a.0 == b.0) {
                             let apply = |mut members: Option<Members>| {
                                 for (_, imp, diff) in changes {
@@ -139,20 +137,14 @@ pub fn ip_bursts<'s>(
                             };
                             // One lookup per group and time: the entry is changed in place.
                             let (before, after) = match groups.entry(changes[0].0) {
-                                Entry::Occupied(mut group) => {
+                                Entry::Occupied(group) => {
                                     let before = flagged(Some(group.get()), max);
-                                    let members = std::mem::replace(
-                                        group.get_mut(),
-                                        Members::Many(Vec::new()),
-                                    );
-                                    let members = apply(Some(members));
-                                    let after = flagged(members.as_ref(), max);
-                                    match members {
-                                        Some(members) => *group.get_mut() = members,
-                                        None => {
-                                            group.remove();
-                                        }
-                                    }
+                                    let mut after = Vec::new();
+                                    group.replace_entry_with(|_, members| {
+                                        let members = apply(Some(members));
+                                        after = flagged(members.as_ref(), max);
+                                        members
+                                    });
                                     (before, after)
                                 }
                                 Entry::Vacant(group) => {
@@ -170,8 +162,7 @@ pub fn ip_bursts<'s>(
                                 session.give_iterator(after.into_iter().map(|imp| (imp, time, 1)));
                             }
                         }
-                    }
-                    pending.settle();
+                    });
                 }
             },
         )

@@ -75,9 +75,9 @@ fn slot_of(clicks: &DenseClicks, imp: u128) -> impl Fn(&Slot) -> bool + '_ {
 /// Clicks stored densely, in chunks of a fixed size.
 ///
 /// One `Vec` of every winner doubles as it grows: each doubling copies every click held
-/// (a 4.5M-impression backlog copied 576 MB at its last one, a tenth of the dedup's time
-/// in `bench/dataflow.rs`) and briefly holds the old and the new buffer, three times the
-/// state, which set the process's peak memory. Chunks are never moved: growing adds one.
+/// (a 4.5M-impression backlog copied 576 MB at its last one; growing it was 4.8% of a
+/// profile of `bench/dataflow.rs`) and briefly holds the old and the new buffer at once,
+/// which set the process's peak memory. Chunks are never moved: growing adds one.
 #[derive(Debug, Default)]
 struct DenseClicks {
     chunks: Vec<Vec<Click>>,
@@ -145,8 +145,8 @@ fn beats(a: &Click, a_on_time: bool, b: &Click, b_on_time: bool) -> bool {
 
 /// The winners of the impressions one worker owns.
 ///
-/// The clicks sit densely in fixed-size chunks (a removal moves the last one into the gap) and
-/// a hash table of 8-byte slots finds them by impression: about 128 bytes of click and
+/// The clicks sit densely in fixed-size chunks (a removal moves the last one into the gap)
+/// and a hash table of 8-byte slots finds them by impression: about 128 bytes of click and
 /// 8 to 18 bytes of table per impression, with no per-entry allocation and no batch to
 /// merge. Whether a winner is on time is not stored; it follows from the click.
 #[derive(Debug, Default)]
@@ -331,10 +331,8 @@ pub fn first_clicks<'s>(
                 bursts_out.activate(),
             );
             let mut winners = state.borrow_mut();
-            while let Some(time) = pending.earliest().filter(|t| !frontiers[0].less_equal(t))
-                && let Some(caps) = pending.capabilities_for(time)
-            {
-                let updates = pending.take(time);
+            let complete = |t: &Time| !frontiers[0].less_equal(t);
+            pending.drain_complete(complete, |time, caps, updates| {
                 let (mut on_time, mut late, mut bursts) = (
                     on_time.session(&caps[0]),
                     late.session(&caps[1]),
@@ -348,8 +346,7 @@ pub fn first_clicks<'s>(
                         late.give((click.classified(ClickClass::Late), t, diff));
                     }
                 });
-            }
-            pending.settle();
+            });
             let now = winners.len() as i64;
             dedup_impressions.inc_by(now - reported);
             reported = now;
@@ -471,19 +468,15 @@ impl<'s> FirstClicks<'s> {
                     if delta.is_empty() {
                         continue;
                     }
-                    let current = on_time_winners_before(
+                    let mut current = on_time_winners_before(
                         &winners.borrow(),
                         changes.after(next),
                         delta.keys().copied(),
                     );
                     for (imp, diff) in delta {
-                        if let Some(Some(click)) = current.get(&imp) {
+                        if let Some(Some(click)) = current.remove(&imp) {
                             fraud.give((click.clone().classified(ClickClass::Fraud), next, diff));
-                            billable.give((
-                                click.clone().classified(ClickClass::Billable),
-                                next,
-                                -diff,
-                            ));
+                            billable.give((click.classified(ClickClass::Billable), next, -diff));
                         }
                         let n = flagged.entry(imp).or_default();
                         *n += diff;

@@ -44,17 +44,15 @@ where
                     input.for_each(|cap, data| {
                         pending.stash(&cap, data.drain(..).map(|(k, t, r)| (t, (k, r))));
                     });
-                    while let Some(time) = pending.earliest().filter(|t| !frontier.less_equal(t))
-                        && let Some(at) = pending.capability_for(time)
-                    {
-                        let mut session = output.session(&at);
-                        for (key, diff) in pending.take(time) {
+                    let complete = |t: &Time| !frontier.less_equal(t);
+                    pending.drain_complete(complete, |time, at, updates| {
+                        let mut session = output.session(&at[0]);
+                        for (key, diff) in updates {
                             if let Some((key, change)) = apply(&mut counts, key, diff) {
                                 session.give((key, time, change));
                             }
                         }
-                    }
-                    pending.settle();
+                    });
                 }
             },
         )

@@ -1,6 +1,7 @@
 //! Updates held back until their time is complete, for the operators that keep their
-//! state in place (`dedup`, `bursts`): they apply a time's updates only once no more can
-//! arrive for it, in time order, and hold one capability, at the earliest time held back.
+//! state in place (`dedup` and its fraud join, `bursts`, `distinct`): they apply a time's updates only once no more can
+//! arrive for it, in time order, and hold one capability per output port, at the earliest
+//! time held back.
 
 use std::collections::BTreeMap;
 
@@ -59,19 +60,28 @@ impl<D> Pending<D> {
         self.by_time.keys().next().copied()
     }
 
-    /// A capability for `time` on the first output, if this holds one at or before it.
-    pub fn capability_for(&self, time: Time) -> Option<Capability<Time>> {
-        self.capabilities
-            .first()
-            .filter(|c| *c.time() <= time)
-            .map(|c| c.delayed(&time))
-    }
-
     /// Capabilities for `time`, one per output port, if this holds them at or before it.
     pub fn capabilities_for(&self, time: Time) -> Option<Vec<Capability<Time>>> {
         let first = self.capabilities.first()?;
         (*first.time() <= time)
             .then(|| self.capabilities.iter().map(|c| c.delayed(&time)).collect())
+    }
+
+    /// Hands the updates of each complete time (`complete`: no more can arrive for it) to
+    /// `apply`, earliest first, with capabilities for that time, one per output port; then
+    /// moves the capabilities up to what is still held back.
+    pub fn drain_complete(
+        &mut self,
+        complete: impl Fn(&Time) -> bool,
+        mut apply: impl FnMut(Time, &[Capability<Time>], Vec<D>),
+    ) {
+        while let Some(time) = self.earliest().filter(|t| complete(t))
+            && let Some(capabilities) = self.capabilities_for(time)
+        {
+            let updates = self.take(time);
+            apply(time, &capabilities, updates);
+        }
+        self.settle();
     }
 
     /// Takes the updates of `time` out.
