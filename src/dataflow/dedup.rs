@@ -36,6 +36,7 @@ use super::StateGauges;
 use super::bursts::{Group, group_of};
 use super::classify::Click;
 use super::demux::Out;
+use super::packed::{ClickRef, PackedClicks};
 use super::pending::Pending;
 use crate::time::Time;
 use crate::views::{ClassifiedClick, ClickClass};
@@ -60,80 +61,9 @@ pub struct FirstClicks<'s> {
 /// One change of an impression's winner: `((impression, (on time, click)), time, diff)`.
 pub type WinnerUpdate = ((u128, (bool, Click)), Time, isize);
 
-/// Where an impression's winner is, and how many identical copies of it are live.
-#[derive(Clone, Copy, Debug)]
-struct Slot {
-    at: u32,
-    copies: u32,
-}
-
 /// Whether a slot is the one of `imp`, for lookups in the table of [`Winners`].
-fn slot_of(clicks: &DenseClicks, imp: u128) -> impl Fn(&Slot) -> bool + '_ {
-    move |s| clicks[s.at as usize].impression_id == imp
-}
-
-/// Clicks stored densely, in chunks of a fixed size.
-///
-/// One `Vec` of every winner doubles as it grows: each doubling copies every click held
-/// (a 4.5M-impression backlog copied 576 MB at its last one; growing it was 4.8% of a
-/// profile of `bench/dataflow.rs`) and briefly holds the old and the new buffer at once,
-/// which set the process's peak memory. Chunks are never moved: growing adds one.
-#[derive(Debug, Default)]
-struct DenseClicks {
-    chunks: Vec<Vec<Click>>,
-    len: usize,
-}
-
-/// Clicks per chunk: 8 MiB of 128-byte clicks.
-const CHUNK: usize = 1 << 16;
-
-impl DenseClicks {
-    fn len(&self) -> usize {
-        self.len
-    }
-
-    fn get(&self, at: usize) -> Option<&Click> {
-        self.chunks.get(at / CHUNK)?.get(at % CHUNK)
-    }
-
-    fn push(&mut self, click: Click) {
-        if self.len.is_multiple_of(CHUNK) && self.chunks.len() == self.len / CHUNK {
-            self.chunks.push(Vec::with_capacity(CHUNK));
-        }
-        self.chunks[self.len / CHUNK].push(click);
-        self.len += 1;
-    }
-
-    /// Removes the click at `at`; the last click takes its place.
-    fn swap_remove(&mut self, at: usize) -> Click {
-        let last_chunk = (self.len - 1) / CHUNK;
-        let Some(last) = self.chunks[last_chunk].pop() else {
-            unreachable!("a chunk below the length is not empty");
-        };
-        self.len -= 1;
-        // Keep one empty chunk at the end, so a size that hovers at a chunk boundary does
-        // not allocate and free 8 MiB on every other click.
-        if self.chunks.len() > last_chunk + 2 {
-            self.chunks.truncate(last_chunk + 2);
-        }
-        if at == self.len {
-            return last;
-        }
-        std::mem::replace(&mut self[at], last)
-    }
-}
-
-impl std::ops::Index<usize> for DenseClicks {
-    type Output = Click;
-    fn index(&self, at: usize) -> &Click {
-        &self.chunks[at / CHUNK][at % CHUNK]
-    }
-}
-
-impl std::ops::IndexMut<usize> for DenseClicks {
-    fn index_mut(&mut self, at: usize) -> &mut Click {
-        &mut self.chunks[at / CHUNK][at % CHUNK]
-    }
+fn slot_of(clicks: &PackedClicks, imp: u128) -> impl Fn(&ClickRef) -> bool + '_ {
+    move |at| clicks.impression(*at) == imp
 }
 
 /// Whether `(a, a_on_time)` beats `(b, b_on_time)`: on time before late, then the earliest
@@ -145,16 +75,16 @@ fn beats(a: &Click, a_on_time: bool, b: &Click, b_on_time: bool) -> bool {
 
 /// The winners of the impressions one worker owns.
 ///
-/// The clicks sit densely in fixed-size chunks (a removal moves the last one into the gap)
-/// and a hash table of 8-byte slots finds them by impression: about 128 bytes of click and
-/// 8 to 18 bytes of table per impression, with no per-entry allocation and no batch to
-/// merge. Whether a winner is on time is not stored; it follows from the click.
+/// The clicks are packed (see [`super::packed`]: about 30 bytes each in the standard
+/// workload, every field kept) and a hash table of 8-byte references finds them by
+/// impression: no per-entry allocation and no batch to merge. Whether a winner is on time
+/// is not stored; it follows from the click.
 #[derive(Debug, Default)]
 pub struct Winners {
     lateness_ms: u64,
     hasher: DefaultHashBuilder,
-    slots: HashTable<Slot>,
-    clicks: DenseClicks,
+    slots: HashTable<ClickRef>,
+    clicks: PackedClicks,
 }
 
 impl Winners {
@@ -173,14 +103,14 @@ impl Winners {
 
     /// Whether no impression has a winner.
     pub fn is_empty(&self) -> bool {
-        self.clicks.len() == 0
+        self.clicks.is_empty()
     }
 
     /// The winner of `imp` and whether it was on time.
-    pub fn get(&self, imp: u128) -> Option<(bool, &Click)> {
+    pub fn get(&self, imp: u128) -> Option<(bool, Click)> {
         let hash = self.hasher.hash_one(imp);
-        self.slots.find(hash, slot_of(&self.clicks, imp)).map(|s| {
-            let click = &self.clicks[s.at as usize];
+        self.slots.find(hash, slot_of(&self.clicks, imp)).map(|at| {
+            let click = self.clicks.get(*at);
             (click.on_time(self.lateness_ms), click)
         })
     }
@@ -226,28 +156,27 @@ impl Winners {
         } = self;
         let lateness_ms = *lateness_ms;
         let Some(slot) = slots.find_mut(hash, slot_of(clicks, imp)) else {
-            let at = u32::try_from(clicks.len()).unwrap_or(u32::MAX);
-            emit((Self::output(lateness_ms, click.clone()), time, 1));
-            clicks.push(click);
-            slots.insert_unique(hash, Slot { at, copies }, |s| {
-                hasher.hash_one(clicks[s.at as usize].impression_id)
-            });
+            let at = clicks.push(&click, copies);
+            emit((Self::output(lateness_ms, click), time, 1));
+            slots.insert_unique(hash, at, |at| hasher.hash_one(clicks.impression(*at)));
             return;
         };
-        let winner = &mut clicks[slot.at as usize];
-        if *winner == click {
-            slot.copies = slot.copies.saturating_add(copies);
+        let at = *slot;
+        let winner = clicks.get(at);
+        if winner == click {
+            clicks.set_copies(at, clicks.copies(at).saturating_add(copies));
         } else if beats(
             &click,
             click.on_time(lateness_ms),
-            winner,
+            &winner,
             winner.on_time(lateness_ms),
         ) {
-            let new = Self::output(lateness_ms, click.clone());
-            let old = std::mem::replace(winner, click);
-            slot.copies = copies;
-            emit((Self::output(lateness_ms, old), time, -1));
-            emit((new, time, 1));
+            *slot = clicks.push(&click, copies);
+            clicks.remove(at, |moved, from, to| {
+                relocate(slots, hasher, moved, from, to)
+            });
+            emit((Self::output(lateness_ms, winner), time, -1));
+            emit((Self::output(lateness_ms, click), time, 1));
         }
     }
 
@@ -264,31 +193,39 @@ impl Winners {
             slots,
             clicks,
             hasher,
-            ..
+            lateness_ms,
         } = self;
         // Only the winner's own copies matter: a loser leaves nothing behind.
-        let Ok(mut entry) = slots.find_entry(hash, slot_of(clicks, imp)) else {
+        let Ok(entry) = slots.find_entry(hash, slot_of(clicks, imp)) else {
             return;
         };
-        let slot = entry.get_mut();
-        if clicks[slot.at as usize] != *click {
+        let at = *entry.get();
+        if !clicks.holds(at, click) {
             return;
         }
-        slot.copies = slot.copies.saturating_sub(copies);
-        if slot.copies > 0 {
+        let left = clicks.copies(at).saturating_sub(copies);
+        if left > 0 {
+            clicks.set_copies(at, left);
             return;
         }
-        let at = entry.remove().0.at as usize;
-        let old = clicks.swap_remove(at);
-        if let Some(moved) = clicks.get(at) {
-            // The last click now sits at `at`: point its slot there.
-            let last = clicks.len() as u32;
-            if let Some(s) = slots.find_mut(hasher.hash_one(moved.impression_id), |s| s.at == last)
-            {
-                s.at = at as u32;
-            }
-        }
-        emit((Self::output(self.lateness_ms, old), time, -1));
+        entry.remove();
+        clicks.remove(at, |moved, from, to| {
+            relocate(slots, hasher, moved, from, to)
+        });
+        emit((Self::output(*lateness_ms, click.clone()), time, -1));
+    }
+}
+
+/// Points the slot of `imp` from `from` to `to`, where the packed clicks moved it.
+fn relocate(
+    slots: &mut HashTable<ClickRef>,
+    hasher: &DefaultHashBuilder,
+    imp: u128,
+    from: ClickRef,
+    to: ClickRef,
+) {
+    if let Some(at) = slots.find_mut(hasher.hash_one(imp), |at| *at == from) {
+        *at = to;
     }
 }
 
@@ -379,7 +316,7 @@ fn on_time_winners_before<'a>(
     let mut at: HashMap<u128, Option<Click>> = imps
         .map(|imp| {
             let on_time = winners.get(imp).filter(|(on, _)| *on);
-            (imp, on_time.map(|(_, c)| c.clone()))
+            (imp, on_time.map(|(_, c)| c))
         })
         .collect();
     for (click, diff) in later.rev() {
@@ -624,5 +561,84 @@ mod tests {
             [(true, "c0".into(), -1)]
         );
         assert_eq!(w.len(), 1);
+    }
+
+    /// Many impressions over many chunks, with better copies, identical copies and
+    /// expiries in random order: the emitted changes add up to the winners a plain map
+    /// (the best live-at-arrival copy, dropped with its last copy) says, and every winner
+    /// left is found after the chunks it sat in were compacted.
+    #[test]
+    fn winners_survive_compaction_and_match_a_plain_map() {
+        let mut w = Winners::new(1_000);
+        let mut oracle: HashMap<u128, (Click, u32)> = HashMap::new();
+        let mut emitted: HashMap<Click, isize> = HashMap::new();
+        let mut live: Vec<Click> = Vec::new();
+        let mut x = 7u64;
+        let mut next = |n: u64| {
+            x = crate::log::mix64(x.wrapping_add(0x9e37_79b9_7f4a_7c15));
+            x % n
+        };
+        for time in 1..=200_000u64 {
+            let mut updates = Vec::new();
+            let imp = u128::from(next(50_000));
+            let event = 1_000_000 + time * 10 - next(3_000);
+            let copy = click(imp, event, 1_000_000 + time * 10, &next(1_000).to_string());
+            updates.push((copy.clone(), 1));
+            if next(10) == 0 {
+                updates.push((copy.clone(), 1));
+                live.push(copy.clone());
+            }
+            live.push(copy);
+            while live.len() > 60_000 || (!live.is_empty() && next(3) == 0) {
+                let at = next(live.len() as u64) as usize;
+                updates.push((live.swap_remove(at), -1));
+            }
+            // The plain map: expiries first, then the clicks.
+            let mut sorted = updates.clone();
+            sorted.sort_by_key(|(_, d)| *d);
+            for (c, d) in &sorted {
+                let entry = oracle.get_mut(&c.impression_id);
+                match (entry, *d) {
+                    (Some((winner, n)), -1) if winner == c => {
+                        *n -= 1;
+                        if *n == 0 {
+                            oracle.remove(&c.impression_id);
+                        }
+                    }
+                    (Some(_), -1) | (None, -1) => {}
+                    (Some((winner, n)), _) if winner == c => *n += 1,
+                    (Some((winner, n)), _) => {
+                        let key = |c: &Click| {
+                            (
+                                !c.on_time(1_000),
+                                c.event_time_ms,
+                                c.click_id.clone(),
+                                c.clone(),
+                            )
+                        };
+                        if key(c) < key(winner) {
+                            (*winner, *n) = (c.clone(), 1);
+                        }
+                    }
+                    (None, _) => {
+                        oracle.insert(c.impression_id, (c.clone(), 1));
+                    }
+                }
+            }
+            w.apply(time, updates, |((_, (_, c)), _, d)| {
+                *emitted.entry(c).or_default() += d;
+            });
+        }
+        emitted.retain(|_, d| *d != 0);
+        assert!(
+            w.clicks.chunks_freed() > 0,
+            "no chunk was compacted or freed"
+        );
+        assert_eq!(w.len(), oracle.len());
+        assert_eq!(emitted.len(), oracle.len());
+        for (imp, (winner, _)) in &oracle {
+            assert_eq!(emitted.get(winner), Some(&1));
+            assert_eq!(w.get(*imp).map(|(_, c)| c).as_ref(), Some(winner));
+        }
     }
 }

@@ -7,6 +7,7 @@ pub mod dedup;
 pub mod demux;
 pub mod distinct;
 pub mod harness;
+pub mod packed;
 pub mod pending;
 pub mod sink;
 pub mod source;
