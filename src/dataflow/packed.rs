@@ -147,18 +147,27 @@ struct Chunk {
 impl Chunk {
     /// The record at `offset`: its copies, its decoded form and its length in bytes.
     fn record(&self, offset: usize) -> (u32, Packed<'_>, usize) {
-        let mut copies = [0u8; COPIES];
-        copies.copy_from_slice(&self.bytes[offset..offset + COPIES]);
         let body = &self.bytes[offset + COPIES..];
         match postcard::take_from_bytes::<Packed>(body) {
             Ok((packed, rest)) => (
-                u32::from_le_bytes(copies),
+                self.copies(offset),
                 packed,
                 COPIES + body.len() - rest.len(),
             ),
             // Only this module writes the bytes, from a `Packed`.
             Err(e) => unreachable!("a packed click does not decode: {e}"),
         }
+    }
+
+    /// The copies of the record at `offset`, read from its header alone.
+    fn copies(&self, offset: usize) -> u32 {
+        let mut copies = [0u8; COPIES];
+        copies.copy_from_slice(&self.bytes[offset..offset + COPIES]);
+        u32::from_le_bytes(copies)
+    }
+
+    fn set_copies(&mut self, offset: usize, copies: u32) {
+        self.bytes[offset..offset + COPIES].copy_from_slice(&copies.to_le_bytes());
     }
 }
 
@@ -226,14 +235,12 @@ impl PackedClicks {
 
     /// The identical live copies of the click at `at`.
     pub fn copies(&self, at: ClickRef) -> u32 {
-        self.chunk(at).record(at.offset()).0
+        self.chunk(at).copies(at.offset())
     }
 
     /// Sets the identical live copies of the click at `at` (at least one).
     pub fn set_copies(&mut self, at: ClickRef, copies: u32) {
-        let offset = at.offset();
-        self.chunk_mut(at).bytes[offset..offset + COPIES]
-            .copy_from_slice(&copies.max(1).to_le_bytes());
+        self.chunk_mut(at).set_copies(at.offset(), copies.max(1));
     }
 
     /// Whether the click at `at` is exactly `click`: their packed bytes are equal (the
@@ -252,7 +259,7 @@ impl PackedClicks {
         let offset = at.offset();
         let chunk = self.chunk_mut(at);
         let (_, _, length) = chunk.record(offset);
-        chunk.bytes[offset..offset + COPIES].copy_from_slice(&0u32.to_le_bytes());
+        chunk.set_copies(offset, 0);
         chunk.live -= length;
         let sparse = chunk.live * 2 <= chunk.bytes.len();
         self.len -= 1;
@@ -321,9 +328,11 @@ impl PackedClicks {
     }
 
     fn write(id: u32, chunk: &mut Chunk, copies: u32, body: &[u8]) -> ClickRef {
-        let at = ClickRef::new(id, chunk.bytes.len() as u32);
-        chunk.bytes.extend_from_slice(&copies.max(1).to_le_bytes());
+        let offset = chunk.bytes.len();
+        chunk.bytes.resize(offset + COPIES, 0);
+        chunk.set_copies(offset, copies.max(1));
         chunk.bytes.extend_from_slice(body);
+        let at = ClickRef::new(id, offset as u32);
         chunk.live += COPIES + body.len();
         at
     }
