@@ -2,9 +2,9 @@
 //! 1 hour and 1 day per ad, campaign and advertiser. The API's metrics read this view.
 
 use differential_dataflow::difference::{IsZero, Monoid, Multiply, Semigroup};
-use differential_dataflow::operators::CountTotal;
 use serde::{Deserialize, Serialize};
 
+use crate::dataflow::count::count_in_place;
 use crate::time::{Granularity, minute_of};
 use crate::views::ColumnType::{Id, Int, Time};
 use crate::views::{
@@ -113,14 +113,14 @@ impl Multiply<isize> for ClickCounts {
 }
 
 fn build<'s>(inputs: &ViewInputs<'s>) -> ViewCollection<'s> {
-    inputs
+    let clicks = inputs
         .classified
         .clone()
         .explode(|c| Some(((c.ad_id, minute_of(c.event_time_ms)), ClickCounts::of(&c))))
         // Two-stage counts: sum each worker's clicks per (ad, minute) before the exchange,
         // so a hot ad sends one partial sum per batch to its key's worker, not every click.
-        .consolidate_stream()
-        .count_total()
+        .consolidate_stream();
+    count_in_place(clicks, inputs.pending_updates.clone())
         .map(|((ad, minute), counts)| (ad, (minute, counts)))
         .join(inputs.ads.clone())
         .map(|(ad, ((minute, n), ad_record))| {

@@ -3,8 +3,7 @@
 //! Added the way `docs/adding-a-view.md` describes, as the guide's worked example: the API
 //! does not read it yet; its table `v_ad_hourly_users` is there for whoever needs it.
 
-use differential_dataflow::operators::CountTotal;
-
+use crate::dataflow::count::count_in_place;
 use crate::dataflow::distinct::distinct_in_place;
 use crate::time::Granularity;
 use crate::views::ColumnType::{Id, Int, Time};
@@ -30,15 +29,14 @@ fn build<'s>(inputs: &ViewInputs<'s>) -> ViewCollection<'s> {
         .clone()
         .map(|c| (c.ad_id, Granularity::Hour.align(c.event_time_ms), c.user_id));
     // Each user once per (ad, hour): counts in place, not an arrangement of every triple.
-    distinct_in_place(users, inputs.pending_updates.clone())
+    let users = distinct_in_place(users, inputs.pending_updates.clone())
         .map(|(ad, hour, _user)| (ad, hour))
         // Pre-aggregate per worker before the exchange to the (ad, hour) key's worker.
-        .consolidate_stream()
-        .count_total()
-        .map(|((ad, hour), users)| {
-            (
-                vec![Datum::Id(ad), Datum::Time(hour)],
-                vec![Datum::Int(users as i64)],
-            )
-        })
+        .consolidate_stream();
+    count_in_place(users, inputs.pending_updates.clone()).map(|((ad, hour), users)| {
+        (
+            vec![Datum::Id(ad), Datum::Time(hour)],
+            vec![Datum::Int(users as i64)],
+        )
+    })
 }

@@ -3,6 +3,7 @@
 pub mod arrangements;
 pub mod bursts;
 pub mod classify;
+pub mod count;
 pub mod dedup;
 pub mod demux;
 pub mod distinct;
