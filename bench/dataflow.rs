@@ -9,7 +9,9 @@
 //! `cargo bench --bench dataflow`. Knobs: `DATAFLOW_CLICKS` (default 5000000; other sizes
 //! are generated as `clicks-<n>.csv`), `DATAFLOW_WORKERS` (default `1,2`),
 //! `DATAFLOW_STORES` (default `sqlite,postgres`), `DATAFLOW_PG` (default
-//! `postgres://postgres@127.0.0.1:5432`; a fresh database per run).
+//! `postgres://postgres@127.0.0.1:5432`; a fresh database per run),
+//! `DATAFLOW_DISABLED_VIEWS` (default none; e.g. `ad_hourly_users` for the work the peers
+//! do: the views the API reads, without distinct users per hour).
 //!
 //! Settings: the defaults of `config/default.toml` (tick 200 ms, impression TTL 30 min,
 //! allowed lateness 5 min, correction window 30 min, 4 click partitions, every view on),
@@ -20,6 +22,8 @@
 //! is set to the data's age plus a day, so the run ends in the state live traffic has
 //! after its first hour: every impression live, nothing expired, nothing late.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
 #[path = "workload.rs"]
 mod workload;
 
@@ -61,10 +65,16 @@ fn env_list(name: &str, default: &str) -> Vec<String> {
 /// The config of a run: defaults, `workers`, a horizon covering the data's age.
 fn config(data_dir: &Path, workers: usize, first_record_ms: u64) -> Config {
     let age_days = clickagg::time::now_ms().saturating_sub(first_record_ms) / 86_400_000 + 2;
+    let disabled: Vec<String> = env_list("DATAFLOW_DISABLED_VIEWS", "")
+        .into_iter()
+        .map(|v| format!("{v:?}"))
+        .collect();
     let text = format!(
         "data_dir = {data_dir:?}\nworkers = {workers}\n\n[time]\nhorizon = \"{age_days}days\"\n\n\
-         [log]\nclick_partitions = {CLICK_PARTITIONS}\n\n[archive]\nenabled = false\n",
+         [log]\nclick_partitions = {CLICK_PARTITIONS}\n\n[archive]\nenabled = false\n\n\
+         [views]\ndisabled = [{disabled}]\n",
         data_dir = data_dir.display().to_string(),
+        disabled = disabled.join(", "),
     );
     Config::from_toml(&text, "bench/dataflow.rs").expect("bench config")
 }
@@ -228,6 +238,50 @@ struct Run {
     wall: Duration,
     peak_rss_mib: f64,
     arranged: i64,
+    /// CPU seconds per thread kind during the run (less sensitive to a noisy neighbour
+    /// than the wall time, which is what the comparison of two builds needs).
+    cpu: BTreeMap<String, f64>,
+}
+
+/// CPU seconds of this process's threads so far, by name with a trailing worker or
+/// partition number dropped (`timely:work-0` and `timely:work-1` stay apart).
+fn thread_cpu() -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for (name, secs) in common::thread_cpu_seconds(std::process::id()) {
+        let kind = if name.starts_with("timely:work") {
+            name
+        } else {
+            name.trim_end_matches(|c: char| c.is_ascii_digit() || c == '-')
+                .to_owned()
+        };
+        *out.entry(kind).or_default() += secs;
+    }
+    out
+}
+
+/// `after - before`, the threads that used at least 0.05 s.
+fn cpu_spent(
+    before: &BTreeMap<String, f64>,
+    after: BTreeMap<String, f64>,
+) -> BTreeMap<String, f64> {
+    after
+        .into_iter()
+        .map(|(k, a)| {
+            let spent = a - before.get(&k).copied().unwrap_or(0.0);
+            (k, spent)
+        })
+        .filter(|(_, s)| *s >= 0.05)
+        .collect()
+}
+
+/// `name 1.2 s, ...`, largest first.
+fn cpu_text(cpu: &BTreeMap<String, f64>) -> String {
+    let mut v: Vec<_> = cpu.iter().collect();
+    v.sort_by(|a, b| b.1.total_cmp(a.1));
+    v.iter()
+        .map(|(k, s)| format!("{k} {s:.1} s"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn run(kind: &str, workers: usize, imported: &Imported, truth: &BTreeMap<(u64, u64), i64>) -> Run {
@@ -252,6 +306,7 @@ fn run(kind: &str, workers: usize, imported: &Imported, truth: &BTreeMap<(u64, u
     let last_time = tick.time_of(imported.last_ms);
 
     reset_peak_rss();
+    let cpu_before = thread_cpu();
     let started = Instant::now();
     let engine = Engine::start(
         Arc::clone(&log),
@@ -285,6 +340,8 @@ fn run(kind: &str, workers: usize, imported: &Imported, truth: &BTreeMap<(u64, u
     let wall = started.elapsed();
     let (_, peak_rss_mib) = rss_mib();
     let arranged = metrics.arrangement_records.get();
+    // Before the shutdown: the engine's threads' figures go when they end.
+    let cpu = cpu_spent(&cpu_before, thread_cpu());
     engine.shutdown();
 
     // Exactly once: every click partition is committed to its end.
@@ -304,6 +361,7 @@ fn run(kind: &str, workers: usize, imported: &Imported, truth: &BTreeMap<(u64, u
         wall,
         peak_rss_mib,
         arranged,
+        cpu,
     }
 }
 
@@ -358,6 +416,11 @@ fn main() {
         .collect();
     let stores = env_list("DATAFLOW_STORES", "sqlite,postgres");
     println!("dataflow bench on {}", machine());
+    let views = config(Path::new("."), 1, 0).views();
+    println!(
+        "views: {}",
+        views.iter().map(|v| v.name).collect::<Vec<_>>().join(", ")
+    );
     let workload = Workload::ensure(n);
     let imported = imported(&workload);
     let truth = workload.truth();
@@ -377,6 +440,7 @@ fn main() {
                 imported.clicks as f64 / r.wall.as_secs_f64(),
                 r.peak_rss_mib
             );
+            println!("  CPU by thread: {}", cpu_text(&r.cpu));
             let tag = if store == "sqlite" { "" } else { "pg_" };
             println!(
                 "BENCH name=dataflow_{tag}w{w} clicks_per_s={:.0} wall_s={:.1} peak_rss_mib={:.0}",
