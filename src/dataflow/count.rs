@@ -14,16 +14,12 @@
 use std::hash::Hash;
 
 use differential_dataflow::difference::Semigroup;
-use differential_dataflow::hashable::Hashable;
-use differential_dataflow::{AsCollection, ExchangeData, VecCollection};
+use differential_dataflow::{ExchangeData, VecCollection};
 use hashbrown::HashMap;
 use hashbrown::hash_map::Entry;
 use prometheus_client::metrics::gauge::Gauge;
-use timely::container::CapacityContainerBuilder;
-use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::generic::Operator;
 
-use super::pending::Pending;
+use super::pending::apply_complete_times;
 use crate::time::Time;
 
 /// Each key of `input` with the sum of its differences, while that sum is not zero;
@@ -36,28 +32,10 @@ where
     K: ExchangeData + Hash + Eq,
     R: ExchangeData + Semigroup,
 {
-    let by_key = Exchange::new(|(key, _, _): &(K, Time, R)| key.hashed());
-    input
-        .inner
-        .unary_frontier::<CapacityContainerBuilder<Vec<((K, R), Time, isize)>>, _, _, _>(
-            by_key,
-            "CountInPlace",
-            move |_capability, _info| {
-                let mut pending: Pending<(K, R)> = Pending::new(held_back);
-                let mut sums = Sums::default();
-                move |(input, frontier), output| {
-                    input.for_each(|cap, data| {
-                        pending.stash(&cap, data.drain(..).map(|(k, t, r)| (t, (k, r))));
-                    });
-                    let complete = |t: &Time| !frontier.less_equal(t);
-                    pending.drain_complete(complete, |time, at, updates| {
-                        let mut session = output.session(&at[0]);
-                        sums.apply(updates, |change, diff| session.give((change, time, diff)));
-                    });
-                }
-            },
-        )
-        .as_collection()
+    let mut sums = Sums::default();
+    apply_complete_times(input, "CountInPlace", held_back, move |updates, out| {
+        sums.apply(updates, |change, diff| out.push((change, diff)));
+    })
 }
 
 /// The live sums, and the changes of one time gathered per key before they are applied.

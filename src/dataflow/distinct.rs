@@ -11,15 +11,11 @@
 
 use std::hash::Hash;
 
-use differential_dataflow::hashable::Hashable;
-use differential_dataflow::{AsCollection, ExchangeData, VecCollection};
+use differential_dataflow::{ExchangeData, VecCollection};
 use hashbrown::HashMap;
 use prometheus_client::metrics::gauge::Gauge;
-use timely::container::CapacityContainerBuilder;
-use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::generic::Operator;
 
-use super::pending::Pending;
+use super::pending::apply_complete_times;
 use crate::time::Time;
 
 /// The keys of `input` with a positive count, each once; `held_back` counts the updates it
@@ -31,32 +27,14 @@ pub fn distinct_in_place<'s, K>(
 where
     K: ExchangeData + Hash + Eq,
 {
-    let by_key = Exchange::new(|(key, _, _): &(K, Time, isize)| key.hashed());
-    input
-        .inner
-        .unary_frontier::<CapacityContainerBuilder<Vec<(K, Time, isize)>>, _, _, _>(
-            by_key,
-            "DistinctInPlace",
-            move |_capability, _info| {
-                let mut pending: Pending<(K, isize)> = Pending::new(held_back);
-                let mut counts: HashMap<K, isize> = HashMap::new();
-                move |(input, frontier), output| {
-                    input.for_each(|cap, data| {
-                        pending.stash(&cap, data.drain(..).map(|(k, t, r)| (t, (k, r))));
-                    });
-                    let complete = |t: &Time| !frontier.less_equal(t);
-                    pending.drain_complete(complete, |time, at, updates| {
-                        let mut session = output.session(&at[0]);
-                        for (key, diff) in updates {
-                            if let Some((key, change)) = apply(&mut counts, key, diff) {
-                                session.give((key, time, change));
-                            }
-                        }
-                    });
-                }
-            },
-        )
-        .as_collection()
+    let mut counts: HashMap<K, isize> = HashMap::new();
+    apply_complete_times(input, "DistinctInPlace", held_back, move |updates, out| {
+        for (key, diff) in updates {
+            if let Some(change) = apply(&mut counts, key, diff) {
+                out.push(change);
+            }
+        }
+    })
 }
 
 /// Adds `diff` to the count of `key`; the key with `+1` when it appears, `-1` when it

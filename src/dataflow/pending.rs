@@ -5,10 +5,54 @@
 
 use std::collections::BTreeMap;
 
+use differential_dataflow::hashable::Hashable;
+use differential_dataflow::{AsCollection, ExchangeData, VecCollection};
 use prometheus_client::metrics::gauge::Gauge;
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::{Capability, InputCapability};
 
 use crate::time::Time;
+
+/// An operator with state in place, keyed like its input: exchanges the updates by key,
+/// holds them back until their time is complete, and hands each complete time's updates,
+/// earliest first, to `apply`, which pushes the output's changes at that time to `out`.
+pub fn apply_complete_times<'s, K, R, O>(
+    input: VecCollection<'s, Time, K, R>,
+    name: &str,
+    held_back: Gauge,
+    mut apply: impl FnMut(Vec<(K, R)>, &mut Vec<(O, isize)>) + 'static,
+) -> VecCollection<'s, Time, O>
+where
+    K: ExchangeData + Hashable,
+    R: ExchangeData,
+    O: ExchangeData,
+{
+    let by_key = Exchange::new(|(key, _, _): &(K, Time, R)| key.hashed().into());
+    input
+        .inner
+        .unary_frontier::<CapacityContainerBuilder<Vec<(O, Time, isize)>>, _, _, _>(
+            by_key,
+            name,
+            move |_capability, _info| {
+                let mut pending: Pending<(K, R)> = Pending::new(held_back);
+                let mut out = Vec::new();
+                move |(input, frontier), output| {
+                    input.for_each(|cap, data| {
+                        pending.stash(&cap, data.drain(..).map(|(k, t, r)| (t, (k, r))));
+                    });
+                    let complete = |t: &Time| !frontier.less_equal(t);
+                    pending.drain_complete(complete, |time, at, updates| {
+                        apply(updates, &mut out);
+                        let mut session = output.session(&at[0]);
+                        session.give_iterator(out.drain(..).map(|(o, d)| (o, time, d)));
+                    });
+                }
+            },
+        )
+        .as_collection()
+}
 
 /// Updates by their own time, and a capability per output port at or before the earliest
 /// of them.
