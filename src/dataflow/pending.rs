@@ -1,7 +1,8 @@
 //! Updates held back until their time is complete, for the operators that keep their
-//! state in place (`dedup` and its fraud join, `bursts`, `distinct`): they apply a time's updates only once no more can
-//! arrive for it, in time order, and hold one capability per output port, at the earliest
-//! time held back.
+//! state in place (`dedup` and its fraud join, `bursts`, `distinct`, `count`): they apply a
+//! time's updates only once no more can arrive for it, in time order, and hold one
+//! capability per output port, at the earliest time held back. The keyed ones with one
+//! output are built by [`apply_complete_times`].
 
 use std::collections::BTreeMap;
 
