@@ -9,17 +9,14 @@
 
 use std::net::IpAddr;
 
+use differential_dataflow::VecCollection;
 use differential_dataflow::hashable::Hashable;
-use differential_dataflow::{AsCollection, VecCollection};
 use hashbrown::HashMap;
 use hashbrown::hash_map::Entry;
 use prometheus_client::metrics::gauge::Gauge;
-use timely::container::CapacityContainerBuilder;
-use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::generic::Operator;
 
 use super::classify::Click;
-use super::pending::Pending;
+use super::pending::apply_complete_times_routed;
 use crate::time::Time;
 
 /// An IP and a second of event time.
@@ -109,64 +106,50 @@ pub fn ip_bursts<'s>(
     max: u64,
     held_back: Gauge,
 ) -> VecCollection<'s, Time, u128> {
-    let by_group =
-        Exchange::new(|((group, _), _, _): &((Group, u128), Time, isize)| group.hashed());
-    members
-        .inner
-        .unary_frontier::<CapacityContainerBuilder<Vec<(u128, Time, isize)>>, _, _, _>(
-            by_group,
-            "IpBursts",
-            move |_capability, _info| {
-                let mut pending: Pending<(Group, u128, isize)> = Pending::new(held_back);
-                let mut groups: HashMap<Group, Members> = HashMap::new();
-                move |(input, frontier), output| {
-                    input.for_each(|cap, data| {
-                        let updates = data.drain(..).map(|((g, imp), t, r)| (t, (g, imp, r)));
-                        pending.stash(&cap, updates);
-                    });
-                    let complete = |t: &Time| !frontier.less_equal(t);
-                    pending.drain_complete(complete, |time, at, mut updates| {
-                        updates.sort_unstable_by_key(|(group, imp, _)| (*group, *imp));
-                        let mut session = output.session(&at[0]);
-                        for changes in updates.chunk_by(|a, b| a.0 == b.0) {
-                            let apply = |mut members: Option<Members>| {
-                                for (_, imp, diff) in changes {
-                                    members = update(members, *imp, *diff);
-                                }
-                                members
-                            };
-                            // One lookup per group and time: the entry is changed in place.
-                            let (before, after) = match groups.entry(changes[0].0) {
-                                Entry::Occupied(group) => {
-                                    let before = flagged(Some(group.get()), max);
-                                    let mut after = Vec::new();
-                                    group.replace_entry_with(|_, members| {
-                                        let members = apply(Some(members));
-                                        after = flagged(members.as_ref(), max);
-                                        members
-                                    });
-                                    (before, after)
-                                }
-                                Entry::Vacant(group) => {
-                                    let members = apply(None);
-                                    let after = flagged(members.as_ref(), max);
-                                    if let Some(members) = members {
-                                        group.insert(members);
-                                    }
-                                    (Vec::new(), after)
-                                }
-                            };
-                            if before != after {
-                                session
-                                    .give_iterator(before.into_iter().map(|imp| (imp, time, -1)));
-                                session.give_iterator(after.into_iter().map(|imp| (imp, time, 1)));
-                            }
+    let by_group = |(group, _): &(Group, u128)| group.hashed();
+    let mut groups: HashMap<Group, Members> = HashMap::new();
+    apply_complete_times_routed(
+        members,
+        "IpBursts",
+        by_group,
+        held_back,
+        move |mut updates, out| {
+            updates.sort_unstable_by_key(|(member, _)| *member);
+            for changes in updates.chunk_by(|a, b| a.0.0 == b.0.0) {
+                let apply = |mut members: Option<Members>| {
+                    for ((_, imp), diff) in changes {
+                        members = update(members, *imp, *diff);
+                    }
+                    members
+                };
+                // One lookup per group and time: the entry is changed in place.
+                let (before, after) = match groups.entry(changes[0].0.0) {
+                    Entry::Occupied(group) => {
+                        let before = flagged(Some(group.get()), max);
+                        let mut after = Vec::new();
+                        group.replace_entry_with(|_, members| {
+                            let members = apply(Some(members));
+                            after = flagged(members.as_ref(), max);
+                            members
+                        });
+                        (before, after)
+                    }
+                    Entry::Vacant(group) => {
+                        let members = apply(None);
+                        let after = flagged(members.as_ref(), max);
+                        if let Some(members) = members {
+                            group.insert(members);
                         }
-                    });
+                        (Vec::new(), after)
+                    }
+                };
+                if before != after {
+                    out.extend(before.into_iter().map(|imp| (imp, -1)));
+                    out.extend(after.into_iter().map(|imp| (imp, 1)));
                 }
-            },
-        )
-        .as_collection()
+            }
+        },
+    )
 }
 
 #[cfg(test)]

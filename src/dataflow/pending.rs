@@ -1,8 +1,8 @@
 //! Updates held back until their time is complete, for the operators that keep their
 //! state in place (`dedup` and its fraud join, `bursts`, `distinct`, `count`): they apply a
 //! time's updates only once no more can arrive for it, in time order, and hold one
-//! capability per output port, at the earliest time held back. The keyed ones with one
-//! output are built by [`apply_complete_times`].
+//! capability per output port, at the earliest time held back. Those with one output
+//! (`distinct`, `count`, `bursts`) are built by [`apply_complete_times`].
 
 use std::collections::BTreeMap;
 
@@ -23,14 +23,32 @@ pub fn apply_complete_times<'s, K, R, O>(
     input: VecCollection<'s, Time, K, R>,
     name: &str,
     held_back: Gauge,
-    mut apply: impl FnMut(Vec<(K, R)>, &mut Vec<(O, isize)>) + 'static,
+    apply: impl FnMut(Vec<(K, R)>, &mut Vec<(O, isize)>) + 'static,
 ) -> VecCollection<'s, Time, O>
 where
     K: ExchangeData + Hashable,
     R: ExchangeData,
     O: ExchangeData,
 {
-    let by_key = Exchange::new(|(key, _, _): &(K, Time, R)| key.hashed().into());
+    let by_key = |key: &K| key.hashed().into();
+    apply_complete_times_routed(input, name, by_key, held_back, apply)
+}
+
+/// [`apply_complete_times`] with the updates exchanged by `route` (a hash of the part of
+/// the record that decides which worker holds its state) instead of by the whole record.
+pub fn apply_complete_times_routed<'s, K, R, O>(
+    input: VecCollection<'s, Time, K, R>,
+    name: &str,
+    route: impl Fn(&K) -> u64 + 'static,
+    held_back: Gauge,
+    mut apply: impl FnMut(Vec<(K, R)>, &mut Vec<(O, isize)>) + 'static,
+) -> VecCollection<'s, Time, O>
+where
+    K: ExchangeData,
+    R: ExchangeData,
+    O: ExchangeData,
+{
+    let by_key = Exchange::new(move |(key, _, _): &(K, Time, R)| route(key));
     input
         .inner
         .unary_frontier::<CapacityContainerBuilder<Vec<(O, Time, isize)>>, _, _, _>(
