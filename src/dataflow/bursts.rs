@@ -17,6 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use super::classify::Click;
 use super::pending::apply_complete_times_routed;
+use super::updates::add_update;
 use crate::time::Time;
 
 /// An IP and a second of event time.
@@ -81,16 +82,7 @@ fn update(members: Option<Members>, imp: u128, diff: isize) -> Option<Members> {
         Some(Members::One(one)) => vec![(one, 1)],
         Some(Members::Many(all)) => all,
     };
-    let imp = split(imp);
-    match all.iter().position(|(m, _)| *m == imp) {
-        Some(i) => {
-            all[i].1 += diff;
-            if all[i].1 == 0 {
-                all.swap_remove(i);
-            }
-        }
-        None => all.push((imp, diff)),
-    }
+    add_update(&mut all, split(imp), diff);
     match all.as_slice() {
         [] => None,
         [(one, 1)] => Some(Members::One(*one)),

@@ -12,6 +12,7 @@ pub mod packed;
 pub mod pending;
 pub mod sink;
 pub mod source;
+pub mod updates;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::Operator;
 
+use super::updates::add_update;
 use crate::log::LogPosition;
 use crate::metrics::Metrics;
 use crate::record::PartitionId;
@@ -416,18 +417,7 @@ pub fn click_sink(records: VecCollection<'_, Time, SinkRecord>, spec: SinkSpec) 
 /// retraction cancels the addition before it, and the list stays at two or three entries
 /// however many ticks the commit covers, instead of one entry per update to sort later.
 fn accumulate(updates: &mut Vec<(Row, isize)>, value: Row, diff: isize) {
-    if diff == 0 {
-        return;
-    }
-    match updates.iter().position(|(v, _)| *v == value) {
-        Some(i) => {
-            updates[i].1 += diff;
-            if updates[i].1 == 0 {
-                updates.swap_remove(i);
-            }
-        }
-        None => updates.push((value, diff)),
-    }
+    add_update(updates, value, diff);
 }
 
 /// The new absolute value of a key from its consolidated updates: the value left with a
