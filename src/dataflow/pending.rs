@@ -73,6 +73,9 @@ where
         .as_collection()
 }
 
+/// At most this many updates' room is reserved for a new time ahead of its updates.
+const MAX_EXPECTED: usize = 4096;
+
 /// Updates by their own time, and a capability per output port at or before the earliest
 /// of them.
 #[derive(Debug)]
@@ -82,6 +85,11 @@ pub struct Pending<D> {
     capabilities: Vec<Capability<Time>>,
     outputs: usize,
     held: Gauge,
+    /// The size of the last time taken, the capacity a new time's updates start with: a
+    /// time of a few hundred clicks grown push by push reallocates and copies about ten
+    /// times, the largest copies into fresh pages (4% of a worker's time in
+    /// `bench/dataflow.rs`).
+    expected: usize,
 }
 
 impl<D> Pending<D> {
@@ -98,6 +106,7 @@ impl<D> Pending<D> {
             capabilities: Vec::new(),
             outputs,
             held,
+            expected: 0,
         }
     }
 
@@ -111,8 +120,12 @@ impl<D> Pending<D> {
                 .collect();
         }
         let mut n = 0;
+        let expected = self.expected;
         for (time, update) in updates {
-            self.by_time.entry(time).or_default().push(update);
+            self.by_time
+                .entry(time)
+                .or_insert_with(|| Vec::with_capacity(expected))
+                .push(update);
             n += 1;
         }
         self.held.inc_by(n);
@@ -151,6 +164,9 @@ impl<D> Pending<D> {
     pub fn take(&mut self, time: Time) -> Vec<D> {
         let updates = self.by_time.remove(&time).unwrap_or_default();
         self.held.dec_by(updates.len() as i64);
+        if !updates.is_empty() {
+            self.expected = updates.len().min(MAX_EXPECTED);
+        }
         updates
     }
 
