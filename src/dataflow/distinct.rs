@@ -15,11 +15,10 @@
 
 use std::hash::Hash;
 
+use differential_dataflow::hashable::Hashable;
 use differential_dataflow::{ExchangeData, VecCollection};
 use hashbrown::HashMap;
 use prometheus_client::metrics::gauge::Gauge;
-
-use differential_dataflow::hashable::Hashable;
 
 use super::count::Sums;
 use super::pending::{apply_complete_times, apply_complete_times_routed};
@@ -71,8 +70,6 @@ where
 struct DistinctCounts<G, V> {
     pairs: HashMap<(G, V), isize>,
     groups: Sums<G, i64>,
-    /// Reused from time to time: the groups' changes of one time.
-    changes: Vec<(G, i64)>,
 }
 
 impl<G, V> Default for DistinctCounts<G, V> {
@@ -80,7 +77,6 @@ impl<G, V> Default for DistinctCounts<G, V> {
         DistinctCounts {
             pairs: HashMap::new(),
             groups: Sums::default(),
-            changes: Vec::new(),
         }
     }
 }
@@ -89,14 +85,13 @@ impl<G: Hash + Eq + Clone, V: Hash + Eq + Clone> DistinctCounts<G, V> {
     /// Applies the updates of one time; `emit` gets `((group, old count), -1)` and
     /// `((group, new count), +1)` for every group whose count changed, leaving out zeros.
     fn apply(&mut self, updates: Vec<((G, V), isize)>, emit: impl FnMut((G, i64), isize)) {
-        let mut changes = std::mem::take(&mut self.changes);
-        for (pair, diff) in updates {
-            if let Some(((group, _), change)) = apply(&mut self.pairs, pair, diff) {
-                changes.push((group, change as i64));
-            }
-        }
-        self.groups.apply(changes.drain(..), emit);
-        self.changes = changes;
+        // A pair that appears or leaves changes its group's count by one; the sums take
+        // all of a time's changes before they emit.
+        let pairs = &mut self.pairs;
+        let changes = updates.into_iter().filter_map(|(pair, diff)| {
+            apply(pairs, pair, diff).map(|((group, _), change)| (group, change as i64))
+        });
+        self.groups.apply(changes, emit);
     }
 }
 

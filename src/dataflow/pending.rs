@@ -87,7 +87,7 @@ pub struct Pending<D> {
     held: Gauge,
     /// The size of the last time taken, the capacity a new time's updates start with: a
     /// time of a few hundred clicks grown push by push reallocates and copies about ten
-    /// times, the largest copies into fresh pages (4% of a worker's time in
+    /// times, the largest copies into fresh pages (3.4% of a worker's time in
     /// `bench/dataflow.rs`).
     expected: usize,
 }
