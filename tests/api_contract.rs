@@ -793,3 +793,78 @@ fn a_stopped_server_commits_no_frontier_beyond_its_clicks() {
     }
     assert_eq!(counted(&server), 4);
 }
+
+/// A batch longer than the server's append chunk (256 clicks) is checked and logged in
+/// chunks, each handed to the log while the next is checked. Whatever the chunking, the
+/// answer must name exactly the refused indices, and the log must hold every accepted
+/// click once, in request order within each partition: the oracle is the request itself.
+#[test]
+fn a_batch_of_several_append_chunks_is_logged_whole_in_request_order() {
+    use clickagg::record::{ClickEvent, Payload};
+
+    let server = Server::start(TestTimes::default());
+    server.create_advertiser(1);
+    server.put_ad(10, 1, 100, 1_000);
+    let n = 700;
+    let tokens = server.impressions(10, n);
+    // Refusals on both sides of every chunk boundary, and at both ends.
+    let bad: Vec<usize> = vec![0, 255, 256, 257, 511, 512, 699];
+    let batch: Vec<Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, (_, token))| {
+            let ip = if bad.contains(&i) {
+                "not-an-ip"
+            } else {
+                "203.0.113.9"
+            };
+            json!({"token": token, "ip": ip, "click_id": format!("c-{i:04}")})
+        })
+        .collect();
+    let r = server.send(Method::POST, AD_SERVER, "/v1/clicks", &Value::Array(batch));
+    assert_eq!(r.status(), 202);
+    let body: Value = r.json().expect("json");
+    assert_eq!(body["accepted"], n - bad.len(), "{body}");
+    let rejected: Vec<u64> = body["rejected"]
+        .as_array()
+        .expect("rejected")
+        .iter()
+        .map(|x| {
+            assert_eq!(x["error"], "invalid_ip", "{x}");
+            x["index"].as_u64().expect("index")
+        })
+        .collect();
+    assert_eq!(rejected, bad.iter().map(|&i| i as u64).collect::<Vec<_>>());
+
+    // The log, read straight from its file in offset order (one ad: one partition): each
+    // accepted click once, none refused, in the order of the request.
+    let conn = rusqlite::Connection::open_with_flags(
+        server.data_dir().join("log.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open log.db");
+    let mut stmt = conn
+        .prepare(
+            "SELECT partition, payload FROM records WHERE topic = 0 ORDER BY partition, offset",
+        )
+        .expect("prepare");
+    let logged: Vec<(u32, String)> = stmt
+        .query_map([], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, Vec<u8>>(1)?)))
+        .expect("query")
+        .map(|r| {
+            let (partition, payload) = r.expect("row");
+            let click = ClickEvent::decode(&payload).expect("a click record");
+            (partition, click.click_id)
+        })
+        .collect();
+    assert!(
+        logged.windows(2).all(|w| w[0].0 == w[1].0),
+        "one ad's clicks share a partition"
+    );
+    let ids: Vec<&str> = logged.iter().map(|(_, id)| id.as_str()).collect();
+    let want: Vec<String> = (0..n)
+        .filter(|i| !bad.contains(i))
+        .map(|i| format!("c-{i:04}"))
+        .collect();
+    assert_eq!(ids, want.iter().map(String::as_str).collect::<Vec<_>>());
+}

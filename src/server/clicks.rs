@@ -11,12 +11,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use super::AppState;
 use super::error::ApiError;
 use super::extract::ApiPath;
 use super::json::{parse_json, read_json_bytes};
-use crate::log::{AppendRecord, Appended};
+use crate::log::{AppendFuture, AppendRecord};
 use crate::record::{ClickEvent, Payload};
 use crate::store::Ad;
 use crate::time::{Millis, now_ms, parse_rfc3339};
@@ -24,6 +25,10 @@ use crate::token::{Impression, TokenError};
 
 /// The most clicks one `POST /v1/clicks` may carry.
 pub const MAX_BATCH: usize = 10_000;
+/// A batch goes to the log in chunks of this many checked clicks, each as soon as it is
+/// checked: the log commits one chunk while the handler checks the next, so a large
+/// batch waits about for the longer of the two, not for their sum.
+const APPEND_CHUNK: usize = 256;
 const MAX_ID_LEN: usize = 128;
 
 /// A generated click id: 128 random bits, hex.
@@ -62,14 +67,9 @@ fn client_ip(headers: &HeaderMap, peer: SocketAddr, trust_forwarded_for: bool) -
     peer.ip()
 }
 
-/// Appends clicks and waits until they are durable.
-async fn append_clicks(
-    state: &AppState,
-    clicks: &[(ClickEvent, Arc<Ad>)],
-) -> Result<Vec<Appended>, ApiError> {
-    if clicks.is_empty() {
-        return Ok(Vec::new());
-    }
+/// Hands clicks to the log. The log queues them at once, in call order; the future
+/// resolves once they are durable.
+fn start_append(state: &AppState, clicks: &[(ClickEvent, Arc<Ad>)]) -> AppendFuture {
     let records = clicks
         .iter()
         .map(|(c, _)| AppendRecord {
@@ -79,16 +79,44 @@ async fn append_clicks(
             payload: c.encode(),
         })
         .collect();
-    let started = Instant::now();
-    let result = state.log.append(records).await;
+    state.log.append(records)
+}
+
+/// Waits for appends started at `started`, in order, and records the wait.
+async fn finish_appends(
+    state: &AppState,
+    started: Instant,
+    appends: Vec<AppendFuture>,
+    clicks: usize,
+) -> Result<(), ApiError> {
+    let mut failed = None;
+    // Every append is awaited, even after one fails: the others may still be in flight.
+    for append in appends {
+        if let Err(e) = append.await {
+            failed.get_or_insert(e);
+        }
+    }
     state
         .metrics
         .log_append_seconds
         .observe(started.elapsed().as_secs_f64());
-    result.map_err(|e| {
-        tracing::warn!(error = %e, clicks = clicks.len(), "clicks not acknowledged");
-        ApiError::from(e)
-    })
+    match failed {
+        None => Ok(()),
+        Some(e) => {
+            tracing::warn!(error = %e, clicks, "clicks not acknowledged");
+            Err(ApiError::from(e))
+        }
+    }
+}
+
+/// Appends clicks and waits until they are durable.
+async fn append_clicks(state: &AppState, clicks: &[(ClickEvent, Arc<Ad>)]) -> Result<(), ApiError> {
+    if clicks.is_empty() {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let append = start_append(state, clicks);
+    finish_appends(state, started, vec![append], clicks.len()).await
 }
 
 /// Checks a token and finds its ad, counting rejections.
@@ -208,11 +236,11 @@ pub struct BatchResult {
 
 async fn check_click(
     state: &AppState,
-    value: serde_json::Value,
+    value: &RawValue,
     now: Millis,
     peer: IpAddr,
 ) -> Result<Result<(ClickEvent, Arc<Ad>), &'static str>, ApiError> {
-    let Ok(click) = serde_json::from_value::<ClickIn>(value) else {
+    let Ok(click) = serde_json::from_str::<ClickIn>(value.get()) else {
         return Ok(Err("invalid_click"));
     };
     let (imp, ad) = match resolve(state, &click.token, now).await {
@@ -272,17 +300,7 @@ pub async fn batch(
     request: Request,
 ) -> Result<(StatusCode, Json<BatchResult>), ApiError> {
     let bytes = read_json_bytes(request, &state).await?;
-    let body: serde_json::Value = parse_json(&bytes)?;
-    let items = match body {
-        serde_json::Value::Array(items) => items,
-        obj @ serde_json::Value::Object(_) => vec![obj],
-        _ => {
-            return Err(ApiError::bad_request(
-                "invalid_request",
-                "expected a click object or an array of them",
-            ));
-        }
-    };
+    let items = batch_items(&bytes)?;
     if items.len() > MAX_BATCH {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -291,24 +309,58 @@ pub async fn batch(
         ));
     }
     let now = now_ms();
-    let mut accepted = Vec::with_capacity(items.len());
+    let started = Instant::now();
+    let mut appends = Vec::new();
+    let mut chunk = Vec::with_capacity(APPEND_CHUNK.min(items.len()));
+    let mut accepted = 0;
     let mut rejected = Vec::new();
     for (index, item) in items.into_iter().enumerate() {
+        // A server error here leaves earlier chunks in the log unacknowledged; a retry
+        // of the whole batch is safe, as after a log timeout (the dedup keeps one click
+        // per impression).
         match check_click(&state, item, now, peer.ip()).await? {
-            Ok(click) => accepted.push(click),
+            Ok(click) => chunk.push(click),
             Err(error) => {
                 state.metrics.reject_click(error);
                 rejected.push(Rejected { index, error });
             }
         }
+        if chunk.len() == APPEND_CHUNK {
+            accepted += chunk.len();
+            appends.push(start_append(&state, &chunk));
+            chunk.clear();
+        }
     }
-    append_clicks(&state, &accepted).await?;
-    state.metrics.clicks_accepted.inc_by(accepted.len() as u64);
+    if !chunk.is_empty() {
+        accepted += chunk.len();
+        appends.push(start_append(&state, &chunk));
+    }
+    if !appends.is_empty() {
+        finish_appends(&state, started, appends, accepted).await?;
+    }
+    state.metrics.clicks_accepted.inc_by(accepted as u64);
     Ok((
         StatusCode::ACCEPTED,
-        Json(BatchResult {
-            accepted: accepted.len(),
-            rejected,
-        }),
+        Json(BatchResult { accepted, rejected }),
     ))
+}
+
+/// The clicks of a `POST /v1/clicks` body, each still unparsed: one object or an array.
+/// Each is parsed on its own later, so one bad click is refused alone.
+fn batch_items(bytes: &[u8]) -> Result<Vec<&RawValue>, ApiError> {
+    let shape = || {
+        ApiError::bad_request(
+            "invalid_request",
+            "expected a click object or an array of them",
+        )
+    };
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => parse_json::<Vec<&RawValue>>(bytes),
+        Some(b'{') => parse_json::<&RawValue>(bytes).map(|one| vec![one]),
+        // Malformed text stays a 400 malformed_json; other JSON is the wrong shape.
+        _ => {
+            parse_json::<serde::de::IgnoredAny>(bytes)?;
+            Err(shape())
+        }
+    }
 }
