@@ -309,7 +309,8 @@ pub async fn batch(
         ));
     }
     let now = now_ms();
-    let started = Instant::now();
+    // The append wait is measured from the first chunk handed to the log, as for a GET.
+    let mut started = None;
     let mut appends = Vec::new();
     let mut chunk = Vec::with_capacity(APPEND_CHUNK.min(items.len()));
     let mut accepted = 0;
@@ -327,15 +328,17 @@ pub async fn batch(
         }
         if chunk.len() == APPEND_CHUNK {
             accepted += chunk.len();
+            started.get_or_insert_with(Instant::now);
             appends.push(start_append(&state, &chunk));
             chunk.clear();
         }
     }
     if !chunk.is_empty() {
         accepted += chunk.len();
+        started.get_or_insert_with(Instant::now);
         appends.push(start_append(&state, &chunk));
     }
-    if !appends.is_empty() {
+    if let Some(started) = started {
         finish_appends(&state, started, appends, accepted).await?;
     }
     state.metrics.clicks_accepted.inc_by(accepted as u64);
@@ -348,19 +351,16 @@ pub async fn batch(
 /// The clicks of a `POST /v1/clicks` body, each still unparsed: one object or an array.
 /// Each is parsed on its own later, so one bad click is refused alone.
 fn batch_items(bytes: &[u8]) -> Result<Vec<&RawValue>, ApiError> {
-    let shape = || {
-        ApiError::bad_request(
-            "invalid_request",
-            "expected a click object or an array of them",
-        )
-    };
     match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'[') => parse_json::<Vec<&RawValue>>(bytes),
         Some(b'{') => parse_json::<&RawValue>(bytes).map(|one| vec![one]),
         // Malformed text stays a 400 malformed_json; other JSON is the wrong shape.
         _ => {
             parse_json::<serde::de::IgnoredAny>(bytes)?;
-            Err(shape())
+            Err(ApiError::bad_request(
+                "invalid_request",
+                "expected a click object or an array of them",
+            ))
         }
     }
 }
