@@ -805,6 +805,12 @@ fn a_batch_of_several_append_chunks_is_logged_whole_in_request_order() {
     let server = Server::start(TestTimes::default());
     server.create_advertiser(1);
     server.put_ad(10, 1, 100, 1_000);
+    // An empty batch: nothing to log, nothing accepted.
+    let r = server.send(Method::POST, AD_SERVER, "/v1/clicks", &json!([]));
+    assert_eq!(r.status(), 202);
+    let body: Value = r.json().expect("json");
+    assert_eq!(body, json!({"accepted": 0, "rejected": []}));
+
     let n = 700;
     let tokens = server.impressions(10, n);
     // Refusals on both sides of every chunk boundary, and at both ends.

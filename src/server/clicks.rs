@@ -309,11 +309,11 @@ pub async fn batch(
         ));
     }
     let now = now_ms();
+    let n = items.len();
     // The append wait is measured from the first chunk handed to the log, as for a GET.
     let mut started = None;
     let mut appends = Vec::new();
     let mut chunk = Vec::with_capacity(APPEND_CHUNK.min(items.len()));
-    let mut accepted = 0;
     let mut rejected = Vec::new();
     for (index, item) in items.into_iter().enumerate() {
         // A server error here leaves earlier chunks in the log unacknowledged; a retry
@@ -326,18 +326,13 @@ pub async fn batch(
                 rejected.push(Rejected { index, error });
             }
         }
-        if chunk.len() == APPEND_CHUNK {
-            accepted += chunk.len();
+        if chunk.len() == APPEND_CHUNK || (index + 1 == n && !chunk.is_empty()) {
             started.get_or_insert_with(Instant::now);
             appends.push(start_append(&state, &chunk));
             chunk.clear();
         }
     }
-    if !chunk.is_empty() {
-        accepted += chunk.len();
-        started.get_or_insert_with(Instant::now);
-        appends.push(start_append(&state, &chunk));
-    }
+    let accepted = n - rejected.len();
     if let Some(started) = started {
         finish_appends(&state, started, appends, accepted).await?;
     }
