@@ -87,24 +87,44 @@ struct Imported {
     last_ms: u64,
 }
 
+/// Clicks in the log and their first and last record times, over the `clicks_N` tables.
 fn log_extent(dir: &Path) -> (u64, u64, u64) {
     let conn = rusqlite::Connection::open_with_flags(
         dir.join("log.db"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )
     .expect("open log.db");
-    conn.query_row(
-        "SELECT count(*), min(record_time_ms), max(record_time_ms) FROM records WHERE topic = 0",
-        [],
-        |r| {
-            Ok((
-                r.get::<_, i64>(0)? as u64,
-                r.get::<_, Option<i64>>(1)?.unwrap_or(0) as u64,
-                r.get::<_, Option<i64>>(2)?.unwrap_or(0) as u64,
-            ))
-        },
-    )
-    .expect("log extent")
+    let tables: Vec<String> = conn
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name GLOB 'clicks_[0-9]*'",
+        )
+        .expect("prepare")
+        .query_map([], |r| r.get(0))
+        .expect("tables")
+        .map(|r| r.expect("table"))
+        .collect();
+    let (mut clicks, mut first, mut last) = (0u64, u64::MAX, 0u64);
+    for table in tables {
+        let (n, lo, hi) = conn
+            .query_row(
+                &format!("SELECT count(*), min(record_time_ms), max(record_time_ms) FROM {table}"),
+                [],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        r.get::<_, Option<i64>>(1)?,
+                        r.get::<_, Option<i64>>(2)?,
+                    ))
+                },
+            )
+            .expect("log extent");
+        clicks += n;
+        if let (Some(lo), Some(hi)) = (lo, hi) {
+            first = first.min(lo as u64);
+            last = last.max(hi as u64);
+        }
+    }
+    (clicks, if clicks == 0 { 0 } else { first }, last)
 }
 
 /// The workload imported into an embedded log, once per file content (by md5).

@@ -74,6 +74,39 @@ async fn scenario(log: Arc<EmbeddedLog>, callers: u64, batch: u64, secs: u64) ->
     }
 }
 
+/// CPU seconds (user + system) of this process's threads named `log-writer`.
+fn writer_cpu_seconds() -> f64 {
+    let mut secs = 0.0;
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != "log-writer" {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Fields after the command name start after the last ')'; utime, stime are 14, 15.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let fields: Vec<f64> = rest
+            .split_whitespace()
+            .map(|f| f.parse().unwrap_or(0.0))
+            .collect();
+        secs += (fields.get(11).unwrap_or(&0.0) + fields.get(12).unwrap_or(&0.0)) / 100.0;
+    }
+    secs
+}
+
+/// Bytes this process has handed to `write`/`pwrite` so far (`wchar` of `/proc/self/io`):
+/// SQLite's WAL frames and checkpoints.
+fn bytes_written() -> f64 {
+    std::fs::read_to_string("/proc/self/io")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("wchar:")?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn pct(sorted: &[Duration], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0
 }
@@ -89,8 +122,15 @@ fn main() {
         .expect("runtime");
     println!("embedded log (SQLite WAL, synchronous=FULL, group commit), {secs}s per scenario");
     println!(
-        "{:>8} {:>6} {:>12} {:>9} {:>9} {:>9}",
-        "callers", "batch", "records/s", "p50 ms", "p99 ms", "appends"
+        "{:>8} {:>6} {:>12} {:>9} {:>9} {:>9} {:>14} {:>14}",
+        "callers",
+        "batch",
+        "records/s",
+        "p50 ms",
+        "p99 ms",
+        "appends",
+        "writer µs/rec",
+        "written B/rec"
     );
     for (callers, batch) in [(1, 1), (64, 1), (512, 1), (4, 500), (16, 500)] {
         let dir = tempfile::tempdir().expect("tmp");
@@ -106,13 +146,17 @@ fn main() {
             )
             .expect("open log"),
         );
+        let (cpu, written) = (writer_cpu_seconds(), bytes_written());
         let o = runtime.block_on(scenario(log, callers, batch, secs));
+        let records = o.records.max(1) as f64;
         println!(
-            "{callers:>8} {batch:>6} {:>12.0} {:>9.2} {:>9.2} {:>9}",
+            "{callers:>8} {batch:>6} {:>12.0} {:>9.2} {:>9.2} {:>9} {:>14.1} {:>14.0}",
             o.records as f64 / o.elapsed.as_secs_f64(),
             pct(&o.latencies, 0.5),
             pct(&o.latencies, 0.99),
-            o.latencies.len()
+            o.latencies.len(),
+            (writer_cpu_seconds() - cpu) * 1e6 / records,
+            (bytes_written() - written) / records
         );
     }
 }

@@ -844,21 +844,9 @@ fn a_batch_of_several_append_chunks_is_logged_whole_in_request_order() {
 
     // The log, read straight from its file in offset order (one ad: one partition): each
     // accepted click once, none refused, in the order of the request.
-    let conn = rusqlite::Connection::open_with_flags(
-        server.data_dir().join("log.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .expect("open log.db");
-    let mut stmt = conn
-        .prepare(
-            "SELECT partition, payload FROM records WHERE topic = 0 ORDER BY partition, offset",
-        )
-        .expect("prepare");
-    let logged: Vec<(u32, String)> = stmt
-        .query_map([], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, Vec<u8>>(1)?)))
-        .expect("query")
-        .map(|r| {
-            let (partition, payload) = r.expect("row");
+    let logged: Vec<(u32, String)> = common::log_rows(&server.data_dir(), 0)
+        .into_iter()
+        .map(|(partition, _, _, payload)| {
             let click = ClickEvent::decode(&payload).expect("a click record");
             (partition, click.click_id)
         })

@@ -76,24 +76,9 @@ fn tally(entries: impl Iterator<Item = (u32, u64, String, u64)>) -> Tally {
 /// The log's clicks (topic 0) or verdicts (topic 1), read straight from `log.db`.
 fn log_tally(data_dir: &Path, topic: u8) -> Tally {
     use clickagg::record::{ClickEvent, FraudVerdict, Payload, impression_hex};
-    let conn = rusqlite::Connection::open_with_flags(
-        data_dir.join("log.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .expect("open log.db");
-    let mut stmt = conn
-        .prepare("SELECT partition, offset, payload FROM records WHERE topic = ?1")
-        .expect("prepare");
-    let rows: Vec<(u32, u64, Vec<u8>)> = stmt
-        .query_map([topic], |r| {
-            Ok((
-                r.get::<_, i64>(0)? as u32,
-                r.get::<_, i64>(1)? as u64,
-                r.get(2)?,
-            ))
-        })
-        .expect("query")
-        .map(|r| r.expect("row"))
+    let rows: Vec<(u32, u64, Vec<u8>)> = common::log_rows(data_dir, topic)
+        .into_iter()
+        .map(|(partition, offset, _, payload)| (partition, offset, payload))
         .collect();
     tally(rows.into_iter().map(|(p, offset, payload)| {
         if topic == 0 {

@@ -4,6 +4,14 @@
 //! Why SQLite and not segment files: one fsync per group commit makes appends cheap, torn
 //! tails and crash recovery are SQLite's problem, and a reader's snapshot gives records
 //! and the watermark consistently in one read (see `bench/` for the measured rates).
+//!
+//! Each partition is its own table keyed by offset (`clicks_0`, `clicks_1`, ...,
+//! `fraud_verdicts_0`, ..., `ads_0`), so every append lands at the right edge of its own
+//! B-tree: SQLite then fills leaves completely and a group commit rewrites each touched
+//! partition's last leaf once. One table keyed by `(topic, partition, offset)` appended
+//! in the middle of the tree at every partition's tail, split half-full leaves and wrote
+//! 2.4 times the bytes per record (bench/SERVING.md, session 22). A log in that older
+//! shape is converted in place when a writer opens it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -91,15 +99,7 @@ impl EmbeddedLog {
         let path = dir.join("log.db");
         let conn = open_conn(&path, false)?;
         conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS records (
-                 topic INTEGER NOT NULL,
-                 partition INTEGER NOT NULL,
-                 offset INTEGER NOT NULL,
-                 record_time_ms INTEGER NOT NULL,
-                 payload BLOB NOT NULL,
-                 PRIMARY KEY (topic, partition, offset)
-             ) WITHOUT ROWID;
-             CREATE TABLE IF NOT EXISTS log_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+            "CREATE TABLE IF NOT EXISTS log_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
         )
         .map_err(|e| unavailable("create log schema", e))?;
 
@@ -133,6 +133,9 @@ impl EmbeddedLog {
             }
         }
 
+        create_partition_tables(&conn, partitions)
+            .map_err(|e| unavailable("create partition tables", e))?;
+        convert_single_table(&conn, partitions, &path)?;
         let writer = Writer::new(conn, partitions)?;
         let commits = Arc::new(Commits {
             seq: Mutex::new(0),
@@ -180,6 +183,13 @@ impl EmbeddedLog {
                 .map_err(|e| unavailable("read log metadata", e))?;
             partitions[topic.code() as usize] = u32::try_from(n).unwrap_or(0);
         }
+        if has_single_table(&conn).map_err(|e| unavailable("read log schema", e))? {
+            return Err(LogError::Unavailable(format!(
+                "the log at {} is in the older single-table shape; open it once with a \
+                 writer (`clickagg serve` or `clickagg import`) to convert it",
+                path.display()
+            )));
+        }
         // No receiver: every append answers "log writer has stopped".
         let (jobs, _) = crossbeam_channel::bounded(1);
         Ok(EmbeddedLog {
@@ -225,8 +235,18 @@ impl Log for EmbeddedLog {
         &self,
         start: Vec<(PartitionId, LogPosition)>,
     ) -> Result<Box<dyn LogReader>, LogError> {
+        let conn = open_conn(&self.path, true)?;
+        conn.set_prepared_statement_cache_capacity(statement_cache(self.partitions));
+        for (p, _) in &start {
+            if p.partition >= self.partitions(p.topic) {
+                return Err(LogError::Inconsistent(format!(
+                    "no partition {p} in the log"
+                )));
+            }
+        }
         Ok(Box::new(EmbeddedReader {
-            conn: open_conn(&self.path, true)?,
+            conn,
+            select_sql: start.iter().map(|(p, _)| select_records(*p)).collect(),
             parts: start,
             commits: Arc::clone(&self.commits),
         }))
@@ -237,17 +257,13 @@ impl Log for EmbeddedLog {
         let mut out = Vec::new();
         for topic in Topic::ALL {
             for partition in 0..self.partitions(topic) {
+                let p = PartitionId { topic, partition };
                 let max: Option<i64> = conn
-                    .query_row(
-                        "SELECT max(offset) FROM records WHERE topic = ?1 AND partition = ?2",
-                        params![topic.code(), partition],
-                        |r| r.get(0),
-                    )
+                    .query_row(&format!("SELECT max(offset) FROM {}", table(p)), [], |r| {
+                        r.get(0)
+                    })
                     .map_err(|e| unavailable("read end offsets", e))?;
-                out.push((
-                    PartitionId { topic, partition },
-                    max.map_or(0, |m| m as u64 + 1),
-                ));
+                out.push((p, max.map_or(0, |m| m as u64 + 1)));
             }
         }
         Ok(out)
@@ -266,6 +282,107 @@ impl Log for EmbeddedLog {
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> LogError {
     LogError::Unavailable(format!("{what}: {e}"))
+}
+
+/// The table holding one partition's records.
+fn table(p: PartitionId) -> String {
+    format!("{}_{}", p.topic.name(), p.partition)
+}
+
+/// Every partition of a log with these partition counts, topic by topic.
+fn all_partitions(partitions: [u32; 3]) -> impl Iterator<Item = PartitionId> {
+    Topic::ALL.into_iter().flat_map(move |topic| {
+        (0..partitions[topic.code() as usize])
+            .map(move |partition| PartitionId { topic, partition })
+    })
+}
+
+/// Room for one insert or select statement per partition plus the few fixed ones, so
+/// cached statements are not evicted and prepared again on every group.
+fn statement_cache(partitions: [u32; 3]) -> usize {
+    partitions.iter().map(|&n| n as usize).sum::<usize>() + 16
+}
+
+fn create_partition_tables(conn: &Connection, partitions: [u32; 3]) -> rusqlite::Result<()> {
+    let mut ddl = String::from("BEGIN;");
+    for p in all_partitions(partitions) {
+        ddl.push_str(&format!(
+            "CREATE TABLE IF NOT EXISTS {} (
+                 offset INTEGER PRIMARY KEY,
+                 record_time_ms INTEGER NOT NULL,
+                 payload BLOB NOT NULL
+             );",
+            table(p)
+        ));
+    }
+    ddl.push_str("COMMIT;");
+    conn.execute_batch(&ddl)
+}
+
+/// Whether the log still has the older single `records` table.
+fn has_single_table(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'records'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
+}
+
+/// Moves the records of a log in the older shape (one `records` table keyed by topic,
+/// partition and offset) into the per-partition tables, in one transaction: a crash
+/// leaves either shape whole.
+fn convert_single_table(
+    conn: &Connection,
+    partitions: [u32; 3],
+    path: &Path,
+) -> Result<(), LogError> {
+    let convert = || -> Result<u64, LogError> {
+        let sql = |e| unavailable("convert the log to per-partition tables", e);
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(sql)?;
+        let mut moved = 0u64;
+        for p in all_partitions(partitions) {
+            moved += conn
+                .execute(
+                    &format!(
+                        "INSERT INTO {} (offset, record_time_ms, payload)
+                         SELECT offset, record_time_ms, payload FROM records
+                         WHERE topic = ?1 AND partition = ?2 ORDER BY offset",
+                        table(p)
+                    ),
+                    params![p.topic.code(), p.partition],
+                )
+                .map_err(sql)? as u64;
+        }
+        let total: i64 = conn
+            .query_row("SELECT count(*) FROM records", [], |r| r.get(0))
+            .map_err(sql)?;
+        if total as u64 != moved {
+            return Err(LogError::Inconsistent(format!(
+                "the log at {} holds {} records of partitions this config does not have",
+                path.display(),
+                total as u64 - moved
+            )));
+        }
+        conn.execute_batch("DROP TABLE records; COMMIT;")
+            .map_err(sql)?;
+        Ok(moved)
+    };
+    if !has_single_table(conn).map_err(|e| unavailable("read log schema", e))? {
+        return Ok(());
+    }
+    match convert() {
+        Ok(moved) => {
+            tracing::info!(records = moved, log = %path.display(), "converted the log to one table per partition");
+            Ok(())
+        }
+        Err(e) => {
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            Err(e)
+        }
+    }
 }
 
 fn open_conn(path: &Path, read_only: bool) -> Result<Connection, LogError> {
@@ -293,6 +410,8 @@ fn open_conn(path: &Path, read_only: bool) -> Result<Connection, LogError> {
 struct Writer {
     conn: Connection,
     next_offset: Vec<Vec<u64>>,
+    /// The insert into each partition's table, by topic code and partition.
+    insert_sql: Vec<Vec<String>>,
     /// Running max of record times (and of the watermark) over the whole log: every record
     /// gets a time at least this, so times are monotone per partition too.
     last_time: Millis,
@@ -300,35 +419,37 @@ struct Writer {
 
 impl Writer {
     fn new(conn: Connection, partitions: [u32; 3]) -> Result<Writer, LogError> {
+        conn.set_prepared_statement_cache_capacity(statement_cache(partitions));
         let mut next_offset: Vec<Vec<u64>> =
             partitions.iter().map(|&n| vec![0; n as usize]).collect();
-        {
-            let mut stmt = conn
-                .prepare(
-                    "SELECT topic, partition, max(offset) FROM records GROUP BY topic, partition",
+        let mut insert_sql: Vec<Vec<String>> = partitions
+            .iter()
+            .map(|&n| Vec::with_capacity(n as usize))
+            .collect();
+        // Record times are monotone in every partition, so each partition's last record
+        // holds its largest time, and the largest of those is the log's.
+        let mut max_record: Millis = 0;
+        for p in all_partitions(partitions) {
+            let last: Option<(i64, i64)> = conn
+                .query_row(
+                    &format!(
+                        "SELECT offset, record_time_ms FROM {} ORDER BY offset DESC LIMIT 1",
+                        table(p)
+                    ),
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
+                .optional()
                 .map_err(|e| unavailable("read log ends", e))?;
-            let rows = stmt
-                .query_map([], |r| {
-                    Ok((r.get::<_, u8>(0)?, r.get::<_, u32>(1)?, r.get::<_, i64>(2)?))
-                })
-                .map_err(|e| unavailable("read log ends", e))?;
-            for row in rows {
-                let (topic, partition, max) = row.map_err(|e| unavailable("read log ends", e))?;
-                let slot = next_offset
-                    .get_mut(topic as usize)
-                    .and_then(|t| t.get_mut(partition as usize))
-                    .ok_or_else(|| {
-                        LogError::Inconsistent(format!(
-                            "log holds records of unknown partition {topic}/{partition}"
-                        ))
-                    })?;
-                *slot = max as u64 + 1;
+            if let Some((offset, time)) = last {
+                next_offset[p.topic.code() as usize][p.partition as usize] = offset as u64 + 1;
+                max_record = max_record.max(time as Millis);
             }
+            insert_sql[p.topic.code() as usize].push(format!(
+                "INSERT INTO {} (offset, record_time_ms, payload) VALUES (?1, ?2, ?3)",
+                table(p)
+            ));
         }
-        let max_record: Option<i64> = conn
-            .query_row("SELECT max(record_time_ms) FROM records", [], |r| r.get(0))
-            .map_err(|e| unavailable("read log times", e))?;
         let watermark: Option<i64> = conn
             .query_row(
                 "SELECT value FROM log_meta WHERE key = 'watermark_ms'",
@@ -337,10 +458,11 @@ impl Writer {
             )
             .optional()
             .map_err(|e| unavailable("read watermark", e))?;
-        let last_time = max_record.unwrap_or(0).max(watermark.unwrap_or(0)) as Millis;
+        let last_time = max_record.max(watermark.unwrap_or(0) as Millis);
         Ok(Writer {
             conn,
             next_offset,
+            insert_sql,
             last_time,
         })
     }
@@ -447,13 +569,11 @@ impl Writer {
         appended: &[Appended],
         time: Millis,
     ) -> rusqlite::Result<()> {
-        let mut insert = self.conn.prepare_cached(
-            "INSERT INTO records (topic, partition, offset, record_time_ms, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?;
         for (record, at) in group.iter().flat_map(|j| &j.records).zip(appended) {
-            insert.execute(params![
-                at.partition.topic.code(),
-                at.partition.partition,
+            // `commit` placed every record in a partition that exists.
+            let sql = &self.insert_sql[at.partition.topic.code() as usize]
+                [at.partition.partition as usize];
+            self.conn.prepare_cached(sql)?.execute(params![
                 at.offset as i64,
                 at.record_time_ms as i64,
                 record.payload
@@ -473,12 +593,18 @@ impl Writer {
 struct EmbeddedReader {
     conn: Connection,
     parts: Vec<(PartitionId, LogPosition)>,
+    /// `select_records` of each of `parts`.
+    select_sql: Vec<String>,
     commits: Arc<Commits>,
 }
 
-/// The next records of a partition: 1 topic, 2 partition, 3 first offset, 4 limit.
-const SELECT_RECORDS: &str = "SELECT offset, record_time_ms, payload FROM records
-     WHERE topic = ?1 AND partition = ?2 AND offset >= ?3 ORDER BY offset LIMIT ?4";
+/// The next records of a partition from its table: 1 first offset, 2 limit.
+fn select_records(p: PartitionId) -> String {
+    format!(
+        "SELECT offset, record_time_ms, payload FROM {} WHERE offset >= ?1 ORDER BY offset LIMIT ?2",
+        table(p)
+    )
+}
 
 impl EmbeddedReader {
     fn read_snapshot(&mut self) -> Result<(Vec<PartitionBatch>, bool), rusqlite::Error> {
@@ -486,7 +612,6 @@ impl EmbeddedReader {
         let mut batches = Vec::with_capacity(self.parts.len());
         let mut any = false;
         {
-            let mut select = tx.prepare_cached(SELECT_RECORDS)?;
             let watermark: Option<i64> = tx
                 .query_row(
                     "SELECT value FROM log_meta WHERE key = 'watermark_ms'",
@@ -494,22 +619,16 @@ impl EmbeddedReader {
                     |r| r.get(0),
                 )
                 .optional()?;
-            for (partition, pos) in &mut self.parts {
-                let rows = select.query_map(
-                    params![
-                        partition.topic.code(),
-                        partition.partition,
-                        pos.offset as i64,
-                        READ_BATCH as i64
-                    ],
-                    |r| {
+            for ((partition, pos), sql) in self.parts.iter_mut().zip(&self.select_sql) {
+                let mut select = tx.prepare_cached(sql)?;
+                let rows =
+                    select.query_map(params![pos.offset as i64, READ_BATCH as i64], |r| {
                         Ok(LogRecord {
                             offset: r.get::<_, i64>(0)? as u64,
                             record_time_ms: r.get::<_, i64>(1)? as u64,
                             payload: r.get(2)?,
                         })
-                    },
-                )?;
+                    })?;
                 let records = rows.collect::<Result<Vec<_>, _>>()?;
                 if let Some(last) = records.last() {
                     pos.offset = last.offset + 1;
@@ -693,12 +812,12 @@ mod tests {
         let log = EmbeddedLog::open(dir.path(), options()).expect("open");
         append(&log, 0, &[b"a", b"b", b"c"]);
         let conn = open_conn(&log.path, true).expect("reader connection");
-        let mut select = conn.prepare_cached(SELECT_RECORDS).expect("prepare");
+        let mut select = conn
+            .prepare_cached(&select_records(part(0)))
+            .expect("prepare");
         for (from, limit) in [(0i64, 2i64), (1, 4096), (2, 7), (0, 4096)] {
             let rows = select
-                .query_map(params![Topic::Clicks.code(), 0, from, limit], |r| {
-                    r.get::<_, i64>(0)
-                })
+                .query_map(params![from, limit], |r| r.get::<_, i64>(0))
                 .expect("query")
                 .collect::<Result<Vec<_>, _>>()
                 .expect("rows");
@@ -777,6 +896,121 @@ mod tests {
         assert!(live[0].record_time_ms.abs_diff(now_ms()) < 10_000);
         let late = rt.block_on(log.append(vec![at(1, 5_000)])).expect("append");
         assert!(late[0].record_time_ms >= live[0].record_time_ms);
+    }
+
+    /// A log written in the older shape (one `records` table; the DDL below is that
+    /// shape's, verbatim) opens with every record where it was, offsets and times going
+    /// on from it, and no `records` table left.
+    fn older_log(dir: &Path, rows: &[(u8, u32, i64, i64, &[u8])]) {
+        let conn = Connection::open(dir.join("log.db")).expect("create");
+        conn.execute_batch(
+            "CREATE TABLE records (
+                 topic INTEGER NOT NULL,
+                 partition INTEGER NOT NULL,
+                 offset INTEGER NOT NULL,
+                 record_time_ms INTEGER NOT NULL,
+                 payload BLOB NOT NULL,
+                 PRIMARY KEY (topic, partition, offset)
+             ) WITHOUT ROWID;
+             CREATE TABLE log_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             INSERT INTO log_meta VALUES ('partitions_clicks', 2), ('partitions_fraud_verdicts', 1),
+                                         ('watermark_ms', 9000);",
+        )
+        .expect("older schema");
+        for (topic, partition, offset, time, payload) in rows {
+            conn.execute(
+                "INSERT INTO records VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![topic, partition, offset, time, payload],
+            )
+            .expect("older row");
+        }
+    }
+
+    #[test]
+    fn a_log_in_the_older_single_table_shape_is_converted_whole() {
+        let dir = tempfile::tempdir().expect("tmp");
+        older_log(
+            dir.path(),
+            &[
+                (0, 0, 0, 1000, b"a"),
+                (0, 1, 0, 2000, b"b"),
+                (0, 0, 1, 3000, b"c"),
+                (1, 0, 0, 3500, b"v"),
+            ],
+        );
+        let log = EmbeddedLog::open(dir.path(), options()).expect("open converts");
+        let conn = open_conn(&log.path, true).expect("conn");
+        assert!(
+            !has_single_table(&conn).expect("schema"),
+            "records table left"
+        );
+        assert_eq!(
+            log.end_offsets().expect("ends")[..3],
+            [
+                (part(0), 2),
+                (part(1), 1),
+                (
+                    PartitionId {
+                        topic: Topic::FraudVerdicts,
+                        partition: 0
+                    },
+                    1
+                )
+            ]
+        );
+        let next = append(&log, 0, &[b"d"]);
+        assert_eq!(
+            next[0].offset, 2,
+            "offsets go on from the converted records"
+        );
+        assert!(next[0].record_time_ms >= 9000, "times never go back");
+        let mut reader = log
+            .reader(vec![
+                (part(0), LogPosition::default()),
+                (part(1), LogPosition::default()),
+            ])
+            .expect("reader");
+        let batches = reader.poll(Duration::from_millis(10)).expect("poll");
+        let read = |b: &PartitionBatch| -> Vec<(u64, u64, Vec<u8>)> {
+            b.records
+                .iter()
+                .map(|r| (r.offset, r.record_time_ms, r.payload.clone()))
+                .collect()
+        };
+        assert_eq!(
+            read(&batches[0]),
+            vec![
+                (0, 1000, b"a".to_vec()),
+                (1, 3000, b"c".to_vec()),
+                (2, next[0].record_time_ms, b"d".to_vec())
+            ]
+        );
+        assert_eq!(read(&batches[1]), vec![(0, 2000, b"b".to_vec())]);
+    }
+
+    #[test]
+    fn an_older_log_with_records_outside_the_partitions_is_refused_and_left_whole() {
+        let dir = tempfile::tempdir().expect("tmp");
+        older_log(dir.path(), &[(0, 0, 0, 1000, b"a"), (0, 5, 0, 1000, b"x")]);
+        let err = EmbeddedLog::open(dir.path(), options())
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(err, LogError::Inconsistent(_)) && err.to_string().contains("1 records"),
+            "{err}"
+        );
+        let conn = Connection::open(dir.path().join("log.db")).expect("open");
+        let kept: i64 = conn
+            .query_row("SELECT count(*) FROM records", [], |r| r.get(0))
+            .expect("older table kept");
+        assert_eq!(kept, 2);
+        let err = EmbeddedLog::open_read_only(dir.path())
+            .err()
+            .expect("refused");
+        assert!(
+            err.to_string().contains("older single-table shape"),
+            "{err}"
+        );
     }
 
     #[test]

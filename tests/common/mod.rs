@@ -406,19 +406,60 @@ pub fn metric(text: &str, name: &str, label: &str) -> f64 {
         .sum()
 }
 
-/// Every record of a topic in the embedded log: (record time, payload). Read straight from
-/// the log file so a test can check what is durable without the server.
-pub fn log_records(data_dir: &Path, topic: u8) -> Vec<(u64, Vec<u8>)> {
+/// Every record of a topic in the embedded log, partition by partition in offset order:
+/// (partition, offset, record time, payload). Read straight from the log file (one table
+/// per partition, `clicks_0`, `clicks_1`, ...) so a test can check what is durable
+/// without the server.
+pub fn log_rows(data_dir: &Path, topic: u8) -> Vec<(u32, u64, u64, Vec<u8>)> {
+    let name = match topic {
+        0 => "clicks",
+        1 => "fraud_verdicts",
+        2 => "ads",
+        other => panic!("no topic {other}"),
+    };
     let conn = rusqlite::Connection::open_with_flags(
         data_dir.join("log.db"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )
     .expect("open log.db");
-    let mut stmt = conn
-        .prepare("SELECT record_time_ms, payload FROM records WHERE topic = ?1")
-        .expect("prepare");
-    stmt.query_map([topic], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
-        .expect("query")
-        .map(|r| r.expect("row"))
+    let mut out = Vec::new();
+    for partition in 0u32.. {
+        let table = format!("{name}_{partition}");
+        let exists: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                [&table],
+                |r| r.get(0),
+            )
+            .expect("schema");
+        if exists == 0 {
+            break;
+        }
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT offset, record_time_ms, payload FROM {table} ORDER BY offset"
+            ))
+            .expect("prepare");
+        out.extend(
+            stmt.query_map([], |r| {
+                Ok((
+                    partition,
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get(2)?,
+                ))
+            })
+            .expect("query")
+            .map(|r| r.expect("row")),
+        );
+    }
+    out
+}
+
+/// Every record of a topic in the embedded log: (record time, payload).
+pub fn log_records(data_dir: &Path, topic: u8) -> Vec<(u64, Vec<u8>)> {
+    log_rows(data_dir, topic)
+        .into_iter()
+        .map(|(_, _, time, payload)| (time, payload))
         .collect()
 }
