@@ -61,6 +61,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Timely worker threads in this process.
     pub workers: usize,
+    /// Nice value of the threads off the click path, the timely workers and the archiver
+    /// (Linux, 0 to 19): above 0, the HTTP threads and the log writer get a core first.
+    pub background_nice: i32,
     /// The HTTP server.
     pub http: HttpConfig,
     /// Keys and the token secret.
@@ -377,6 +380,13 @@ const ENV_OVERRIDES: &[EnvOverride] = &[
         },
     },
     EnvOverride {
+        var: "CLICKAGG_BACKGROUND_NICE",
+        apply: |c, v| {
+            c.background_nice = parse(v)?;
+            Ok(())
+        },
+    },
+    EnvOverride {
         var: "CLICKAGG_CLUSTER_PROCESS",
         apply: |c, v| {
             c.cluster.process = parse(v)?;
@@ -514,6 +524,12 @@ impl Config {
             return invalid(
                 "workers",
                 format!("{} is not between 1 and 256", self.workers),
+            );
+        }
+        if !(0..=19).contains(&self.background_nice) {
+            return invalid(
+                "background_nice",
+                format!("{} is not between 0 and 19", self.background_nice),
             );
         }
         if let Err(message) = crate::views::check_disabled(&self.views.disabled) {

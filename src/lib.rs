@@ -28,6 +28,7 @@ pub mod serve;
 pub mod server;
 mod sqlite;
 pub mod store;
+pub mod thread_priority;
 pub mod time;
 pub mod token;
 pub mod tools;

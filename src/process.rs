@@ -40,6 +40,7 @@ pub fn engine_spec(config: &Config) -> EngineSpec {
         tick: config.tick(),
         horizon_ms: config.horizon_ms(),
         ttl_ms: config.time.impression_ttl.as_millis() as u64,
+        background_nice: config.background_nice,
         rules: Rules {
             lateness_ms: config.time.allowed_lateness.as_millis() as u64,
             max_clicks_per_ip_per_second: config.fraud.max_clicks_per_ip_per_second,

@@ -24,6 +24,8 @@ pub fn open_archive(config: &Config) -> anyhow::Result<Archive> {
 
 /// Starts `serve`'s archiver (when `archive.enabled`) over its own log handle; it runs
 /// until the process ends and never stops the server: failures are logged and retried.
+/// It has a thread and runtime of its own, at `background_nice`, so that its Parquet
+/// encoding and reads of the log yield a core to the click path.
 pub fn spawn_serve_archiver(config: &Config, log: Arc<dyn Log>) -> anyhow::Result<()> {
     if !config.archive.enabled {
         tracing::info!("archive.enabled = false: no archiver");
@@ -32,11 +34,23 @@ pub fn spawn_serve_archiver(config: &Config, log: Arc<dyn Log>) -> anyhow::Resul
     let archive = open_archive(config)?;
     tracing::info!(location = %archive.location, "archiving raw clicks and verdicts");
     let settings = config.archive.clone();
-    tokio::spawn(async move {
-        if let Err(e) = run_archiver(log, archive, settings, ArchiveRun::default()).await {
-            tracing::error!(error = %e, "the archiver stopped");
-        }
-    });
+    let nice = config.background_nice;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("archiver-io")
+        .on_thread_start(move || crate::thread_priority::lower_this_thread(nice, "archiver"))
+        .build()
+        .context("the archiver's runtime")?;
+    std::thread::Builder::new()
+        .name("archiver".into())
+        .spawn(move || {
+            crate::thread_priority::lower_this_thread(nice, "archiver");
+            let run = run_archiver(log, archive, settings, ArchiveRun::default());
+            if let Err(e) = runtime.block_on(run) {
+                tracing::error!(error = %e, "the archiver stopped");
+            }
+        })
+        .context("the archiver's thread")?;
     Ok(())
 }
 

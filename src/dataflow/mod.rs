@@ -101,6 +101,8 @@ pub struct EngineSpec {
     pub horizon_ms: u64,
     /// The impression TTL in ms.
     pub ttl_ms: u64,
+    /// Nice value of the worker threads (`thread_priority`); 0 leaves them as started.
+    pub background_nice: i32,
     /// Classification rules.
     pub rules: Rules,
     /// When windows become final.
@@ -252,7 +254,9 @@ impl Engine {
             heartbeat.clone(),
             Arc::clone(&replay),
         );
+        let background_nice = spec.background_nice;
         let guards = timely::execute(config, move |worker| {
+            crate::thread_priority::lower_this_thread(background_nice, "timely worker");
             let mut liveness = running
                 .as_ref()
                 .map(|h| Liveness::build(worker, Arc::clone(h)));
