@@ -683,6 +683,17 @@ mod tests {
         }
     }
 
+    /// One poll of a new reader of click partitions 0 and 1 from their start.
+    fn poll_clicks_0_and_1(log: &EmbeddedLog) -> Vec<PartitionBatch> {
+        let mut reader = log
+            .reader(vec![
+                (part(0), LogPosition::default()),
+                (part(1), LogPosition::default()),
+            ])
+            .expect("reader");
+        reader.poll(Duration::from_millis(10)).expect("poll")
+    }
+
     fn part(p: u32) -> PartitionId {
         PartitionId {
             topic: Topic::Clicks,
@@ -723,13 +734,7 @@ mod tests {
         assert_eq!(c[0].offset, 2, "offsets continue after reopen");
         assert!(c[0].record_time_ms >= first, "record times never go back");
 
-        let mut reader = log
-            .reader(vec![
-                (part(0), LogPosition::default()),
-                (part(1), LogPosition::default()),
-            ])
-            .expect("reader");
-        let batches = reader.poll(Duration::from_millis(10)).expect("poll");
+        let batches = poll_clicks_0_and_1(&log);
         let p0: Vec<&[u8]> = batches[0]
             .records
             .iter()
@@ -964,13 +969,7 @@ mod tests {
             "offsets go on from the converted records"
         );
         assert!(next[0].record_time_ms >= 9000, "times never go back");
-        let mut reader = log
-            .reader(vec![
-                (part(0), LogPosition::default()),
-                (part(1), LogPosition::default()),
-            ])
-            .expect("reader");
-        let batches = reader.poll(Duration::from_millis(10)).expect("poll");
+        let batches = poll_clicks_0_and_1(&log);
         let read = |b: &PartitionBatch| -> Vec<(u64, u64, Vec<u8>)> {
             b.records
                 .iter()
