@@ -845,6 +845,24 @@ mod tests {
     }
 
     #[test]
+    fn background_nice_is_a_nice_value_and_yields_in_serve_only() {
+        assert_eq!(load("", &[]).expect("defaults").background_nice, 10);
+        let c = load("", &[("CLICKAGG_BACKGROUND_NICE", "0")]).expect("env override");
+        assert_eq!(c.background_nice, 0);
+        for bad in ["background_nice = 20\n", "background_nice = -1\n"] {
+            let err = load(bad, &[]).expect_err("out of range");
+            assert!(err.to_string().contains("background_nice"), "{err}");
+        }
+        for file in ["production.toml", "cluster.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("config")
+                .join(file);
+            let c = Config::load_with_env(Some(&path), |_| None).expect(file);
+            assert_eq!(c.background_nice, 0, "{file}: no click path to yield to");
+        }
+    }
+
+    #[test]
     fn views_can_be_switched_off_but_not_the_apis() {
         let err = load("[views]\ndisabled = [\"nope\"]\n", &[]).expect_err("unknown");
         assert!(err.to_string().contains("views.disabled") && err.to_string().contains("nope"));
