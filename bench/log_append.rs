@@ -4,6 +4,9 @@
 //!
 //! `cargo bench --bench log_append`. `LOG_APPEND_SECS` per scenario (default 5).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -76,25 +79,11 @@ async fn scenario(log: Arc<EmbeddedLog>, callers: u64, batch: u64, secs: u64) ->
 
 /// CPU seconds (user + system) of this process's threads named `log-writer`.
 fn writer_cpu_seconds() -> f64 {
-    let mut secs = 0.0;
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0.0;
-    };
-    for task in tasks.flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.trim() != "log-writer" {
-            continue;
-        }
-        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-        // Fields after the command name start after the last ')'; utime, stime are 14, 15.
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let fields: Vec<f64> = rest
-            .split_whitespace()
-            .map(|f| f.parse().unwrap_or(0.0))
-            .collect();
-        secs += (fields.get(11).unwrap_or(&0.0) + fields.get(12).unwrap_or(&0.0)) / 100.0;
-    }
-    secs
+    common::thread_cpu_seconds(std::process::id())
+        .into_iter()
+        .filter(|(name, _)| name == "log-writer")
+        .map(|(_, secs)| secs)
+        .sum()
 }
 
 /// Bytes this process has handed to `write`/`pwrite` so far (`wchar` of `/proc/self/io`):

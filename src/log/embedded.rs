@@ -254,19 +254,16 @@ impl Log for EmbeddedLog {
 
     fn end_offsets(&self) -> Result<Vec<(PartitionId, u64)>, LogError> {
         let conn = open_conn(&self.path, true)?;
-        let mut out = Vec::new();
-        for topic in Topic::ALL {
-            for partition in 0..self.partitions(topic) {
-                let p = PartitionId { topic, partition };
+        all_partitions(self.partitions)
+            .map(|p| {
                 let max: Option<i64> = conn
                     .query_row(&format!("SELECT max(offset) FROM {}", table(p)), [], |r| {
                         r.get(0)
                     })
                     .map_err(|e| unavailable("read end offsets", e))?;
-                out.push((p, max.map_or(0, |m| m as u64 + 1)));
-            }
-        }
-        Ok(out)
+                Ok((p, max.map_or(0, |m| m as u64 + 1)))
+            })
+            .collect()
     }
 
     fn check(&self) -> Result<(), LogError> {

@@ -411,12 +411,9 @@ pub fn metric(text: &str, name: &str, label: &str) -> f64 {
 /// per partition, `clicks_0`, `clicks_1`, ...) so a test can check what is durable
 /// without the server.
 pub fn log_rows(data_dir: &Path, topic: u8) -> Vec<(u32, u64, u64, Vec<u8>)> {
-    let name = match topic {
-        0 => "clicks",
-        1 => "fraud_verdicts",
-        2 => "ads",
-        other => panic!("no topic {other}"),
-    };
+    let name = clickagg::record::Topic::from_code(topic)
+        .unwrap_or_else(|| panic!("no topic {topic}"))
+        .name();
     let conn = rusqlite::Connection::open_with_flags(
         data_dir.join("log.db"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
