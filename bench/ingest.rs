@@ -7,7 +7,8 @@
 //! the server verifies, prices and logs each one for real. Each path runs twice:
 //! closed loop (connections send back to back: the most the server sustains) and open
 //! loop at the target rate (latency from each request's due time: queueing behind a stall
-//! is counted). Afterwards the bench checks that every click the server acknowledged is
+//! is counted), with the worst latency of each second of the phase, so one stall and a
+//! queue that never drains tell apart. Afterwards the bench checks that every click the server acknowledged is
 //! what `/metrics` counts as accepted and, once the committed frontier passes the last
 //! acknowledgement, what the query API counts: a fast server that drops clicks fails.
 //!
@@ -127,6 +128,16 @@ impl Phase {
         println!(
             "  {:<22} latency per request p50 {p50:.2} ms  p99 {p99:.2} ms  max {max:.2} ms (service time p50 {s50:.2} p99 {s99:.2})",
             ""
+        );
+        let worst: Vec<String> = o
+            .worst_by_second_us
+            .iter()
+            .map(|us| format!("{:.0}", *us as f64 / 1000.0))
+            .collect();
+        println!(
+            "  {:<22} worst latency by second of the phase, ms: {}",
+            "",
+            worst.join(" ")
         );
         println!(
             "  {:<22} refused {} · transport errors {} · unsent {} · cores used: server {:.2}, bench client {:.2}, other processes {:.2} · server RSS {} MiB",

@@ -122,6 +122,9 @@ pub struct Outcome {
     pub latency_us: Vec<u64>,
     /// Send -> answer in µs.
     pub service_us: Vec<u64>,
+    /// The worst latency in µs of the requests due (open loop) or sent (closed) in each
+    /// second of the phase: shows whether a high p99 is one stall or spread over the run.
+    pub worst_by_second_us: Vec<u64>,
     /// First send to last answer.
     pub elapsed: Duration,
     /// The first refused answer or transport error, for the report.
@@ -136,6 +139,9 @@ impl Outcome {
         self.errors += o.errors;
         self.latency_us.extend(o.latency_us);
         self.service_us.extend(o.service_us);
+        for (second, worst) in o.worst_by_second_us.into_iter().enumerate() {
+            note_worst(&mut self.worst_by_second_us, second, worst);
+        }
         if self.first_problem.is_none() {
             self.first_problem = o.first_problem;
         }
@@ -160,6 +166,14 @@ impl Outcome {
     pub fn service_ms(&mut self, p: f64) -> f64 {
         percentile_ms(&mut self.service_us, p)
     }
+}
+
+/// Raises `worst[second]` to `us`, growing the list as needed.
+fn note_worst(worst: &mut Vec<u64>, second: usize, us: u64) {
+    if worst.len() <= second {
+        worst.resize(second + 1, 0);
+    }
+    worst[second] = worst[second].max(us);
 }
 
 /// The `p` quantile (0..=1) of µs samples, in ms; 0 when empty.
@@ -307,8 +321,11 @@ async fn connection(shared: Arc<Shared>) -> Outcome {
                     Some(units) => {
                         out.ok += 1;
                         out.units += units;
-                        out.latency_us
-                            .push(done.duration_since(due.unwrap_or(sent)).as_micros() as u64);
+                        let from = due.unwrap_or(sent);
+                        let latency = done.duration_since(from).as_micros() as u64;
+                        out.latency_us.push(latency);
+                        let second = from.saturating_duration_since(shared.start).as_secs();
+                        note_worst(&mut out.worst_by_second_us, second as usize, latency);
                         out.service_us
                             .push(done.duration_since(sent).as_micros() as u64);
                     }
