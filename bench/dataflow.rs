@@ -46,10 +46,10 @@ use workload::{Workload, compare, machine, reset_peak_rss, rss_mib, write_counts
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// The same jemalloc options as the `clickagg` binary (see `src/main.rs`).
+/// The same jemalloc options as the `clickagg` binary.
 #[allow(non_upper_case_globals)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
-pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+pub static malloc_conf: &[u8] = clickagg::JEMALLOC_CONF;
 
 const CLICK_PARTITIONS: u32 = 4;
 

@@ -8,9 +8,10 @@
 //! closed loop (connections send back to back: the most the server sustains) and open
 //! loop at the target rate (latency from each request's due time: queueing behind a stall
 //! is counted), with the worst latency of each second of the phase, so one stall and a
-//! queue that never drains tell apart. Afterwards the bench checks that every click the server acknowledged is
-//! what `/metrics` counts as accepted and, once the committed frontier passes the last
-//! acknowledgement, what the query API counts: a fast server that drops clicks fails.
+//! queue that never drains tell apart. Afterwards the bench checks that every click the
+//! server acknowledged is what `/metrics` counts as accepted and, once the committed
+//! frontier passes the last acknowledgement, what the query API counts: a fast server
+//! that drops clicks fails.
 //!
 //! Knobs (environment): `INGEST_GET_CLICKS` closed-loop GETs (default 200000),
 //! `INGEST_GET_RATE` open-loop GETs/s (20000), `INGEST_BATCH_CLICKS` closed-loop clicks per

@@ -33,3 +33,15 @@ pub mod time;
 pub mod token;
 pub mod tools;
 pub mod views;
+
+/// jemalloc's options for the `clickagg` binary and the benches that run its dataflow in
+/// process (each exports them as `_rjem_malloc_conf`): purge freed pages after about a
+/// second (not ten) from background threads, so RSS follows the live state instead of
+/// lagging it by a variable amount. `_RJEM_MALLOC_CONF` in the environment still
+/// overrides these.
+///
+/// `muzzy_decay_ms:0` returns a decayed page with one `MADV_DONTNEED` instead of an
+/// `MADV_FREE` and, a second later, an `MADV_DONTNEED`: each is a TLB shootdown that
+/// interrupts the timely workers, and the purging thread's CPU in `bench/dataflow.rs` fell
+/// from 4.1-5.2 s to 1.7-2.5 s, the workers' with it (bench/README.md, session 23).
+pub const JEMALLOC_CONF: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";

@@ -17,17 +17,10 @@ use clickagg::loadgen::LoadgenOptions;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's options: purge freed pages after about a second (not ten) from background
-/// threads, so RSS follows the live state instead of lagging it by a variable amount.
-/// `_RJEM_MALLOC_CONF` in the environment still overrides these.
-///
-/// `muzzy_decay_ms:0` returns a decayed page with one `MADV_DONTNEED` instead of an
-/// `MADV_FREE` and, a second later, an `MADV_DONTNEED`: each is a TLB shootdown that
-/// interrupts the timely workers, and the purging thread's CPU in `bench/dataflow.rs` fell
-/// from 4.1-5.2 s to 1.7-2.5 s, the workers' with it (bench/README.md, session 23).
+/// jemalloc's options: [`clickagg::JEMALLOC_CONF`].
 #[allow(non_upper_case_globals)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
-pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+pub static malloc_conf: &[u8] = clickagg::JEMALLOC_CONF;
 
 #[derive(Parser)]
 #[command(
