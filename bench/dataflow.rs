@@ -11,7 +11,9 @@
 //! `DATAFLOW_STORES` (default `sqlite,postgres`), `DATAFLOW_PG` (default
 //! `postgres://postgres@127.0.0.1:5432`; a fresh database per run),
 //! `DATAFLOW_DISABLED_VIEWS` (default none; e.g. `ad_hourly_users` for the work the peers
-//! do: the views the API reads, without distinct users per hour).
+//! do: the views the API reads, without distinct users per hour), `DATAFLOW_TICK`
+//! (default the config's 200 ms; the design allows 100 ms to 1 s: how much of the work is
+//! per tick rather than per click).
 //!
 //! Settings: the defaults of `config/default.toml` (tick 200 ms, impression TTL 30 min,
 //! allowed lateness 5 min, correction window 30 min, 4 click partitions, every view on),
@@ -69,8 +71,11 @@ fn config(data_dir: &Path, workers: usize, first_record_ms: u64) -> Config {
         .into_iter()
         .map(|v| format!("{v:?}"))
         .collect();
+    let tick = std::env::var("DATAFLOW_TICK")
+        .map(|t| format!("tick = {t:?}\n"))
+        .unwrap_or_default();
     let text = format!(
-        "data_dir = {data_dir:?}\nworkers = {workers}\n\n[time]\nhorizon = \"{age_days}days\"\n\n\
+        "data_dir = {data_dir:?}\nworkers = {workers}\n\n[time]\n{tick}horizon = \"{age_days}days\"\n\n\
          [log]\nclick_partitions = {CLICK_PARTITIONS}\n\n[archive]\nenabled = false\n\n\
          [views]\ndisabled = [{disabled}]\n",
         data_dir = data_dir.display().to_string(),
@@ -436,10 +441,12 @@ fn main() {
         .collect();
     let stores = env_list("DATAFLOW_STORES", "sqlite,postgres");
     println!("dataflow bench on {}", machine());
-    let views = config(Path::new("."), 1, 0).views();
+    let settings = config(Path::new("."), 1, 0);
+    let views = settings.views();
     println!(
-        "views: {}",
-        views.iter().map(|v| v.name).collect::<Vec<_>>().join(", ")
+        "views: {}; tick {} ms",
+        views.iter().map(|v| v.name).collect::<Vec<_>>().join(", "),
+        settings.time.tick.as_millis()
     );
     let workload = Workload::ensure(n);
     let imported = imported(&workload);
