@@ -33,7 +33,7 @@ use crate::metrics::Metrics;
 use crate::record::PartitionId;
 use crate::store::{ChangeBatch, Store, StoreError, ViewChanges};
 use crate::time::{Finality, Time};
-use crate::views::{Row, ViewDef};
+use crate::views::{Datum, Row, ViewDef};
 
 /// What flows into the sink.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -120,7 +120,7 @@ impl ClassColumns {
             let net: i64 = updates
                 .iter()
                 .map(|(value, diff)| match value.get(column) {
-                    Some(crate::views::Datum::Int(n)) => *n * *diff as i64,
+                    Some(Datum::Int(n)) => *n * *diff as i64,
                     _ => 0,
                 })
                 .sum();
@@ -311,6 +311,8 @@ pub fn click_sink(records: VecCollection<'_, Time, SinkRecord>, spec: SinkSpec) 
     let mut last_keys = 0;
     let mut last_offer = Instant::now();
     let classes = ClassColumns::of(views);
+    // Found once: by column name for every row update, it was 9% of this operator.
+    let windows: Vec<Option<usize>> = views.iter().map(ViewDef::window_index).collect();
     let mut tally = Tally::default();
     let to_worker_zero = Exchange::new(|_: &(SinkRecord, Time, isize)| 0u64);
     records
@@ -360,11 +362,13 @@ pub fn click_sink(records: VecCollection<'_, Time, SinkRecord>, spec: SinkSpec) 
                         }
                     }
                     SinkRecord::Row { view, key, value } => {
-                        let Some(def) = views.get(view as usize) else {
+                        let Some((def, window)) =
+                            views.get(view as usize).zip(windows.get(view as usize))
+                        else {
                             continue;
                         };
-                        let final_at = def
-                            .window_start(&key)
+                        let final_at = window
+                            .and_then(|i| window_start(&key, i))
                             .map(|w| finality.final_at(w, def.window.length_ms))
                             .unwrap_or(Time::MAX);
                         if time >= final_at {
@@ -408,6 +412,14 @@ pub fn click_sink(records: VecCollection<'_, Time, SinkRecord>, spec: SinkSpec) 
                 );
             }
         });
+}
+
+/// The window start in a view's key, at the index [`ViewDef::window_index`] gives.
+fn window_start(key: &Row, index: usize) -> Option<Time> {
+    match key.get(index) {
+        Some(Datum::Time(t)) => Some(*t),
+        _ => None,
+    }
 }
 
 /// Adds one update to a key's updates, consolidated as they come.

@@ -13,12 +13,11 @@ use rusqlite::{
 };
 
 use super::common::{
-    AD_COLUMNS, LAST_PROGRESS, RollupDeltas, check_ad_rules, check_tick, column_defs,
-    columns_differ, decode_positions, delete_empty_rollup_sql, encode_positions,
+    AD_COLUMNS, LAST_PROGRESS, RollupColumns, RollupDeltas, check_ad_rules, check_tick,
+    column_defs, columns_differ, decode_positions, delete_empty_rollup_sql, encode_positions,
     fraud_adjustment_totals_sql, fraud_adjustments_sql, insert_campaign_sql, insert_progress_sql,
     late_clicks_sql, may_empty, minute_series_sql, minute_totals_sql, progress_at_sql,
-    prune_progress_sql, rollup_deltas, rollup_series_sql, rollup_totals_sql, upsert_action,
-    upsert_ad_sql,
+    prune_progress_sql, rollup_series_sql, rollup_totals_sql, upsert_action, upsert_ad_sql,
 };
 use super::corrections;
 use super::{
@@ -255,12 +254,13 @@ impl SqliteStore {
         changes: &ViewChanges,
     ) -> rusqlite::Result<()> {
         let mut deltas = RollupDeltas::new();
+        let rollup = RollupColumns::of(view);
         let mut select = tx.prepare_cached(&sql.select_value)?;
         let mut upsert = tx.prepare_cached(&sql.upsert)?;
         let mut delete = tx.prepare_cached(&sql.delete)?;
         for (key, new) in changes {
             let key_values: Vec<Value> = key.iter().map(to_value).collect();
-            if view.rollup.is_some() {
+            if let Some(rollup) = &rollup {
                 let old: Option<Row> = select
                     .query_row(rusqlite::params_from_iter(&key_values), |r| {
                         view.value
@@ -270,8 +270,8 @@ impl SqliteStore {
                             .collect()
                     })
                     .optional()?;
-                rollup_deltas(view, key, old.as_ref(), -1, &mut deltas);
-                rollup_deltas(view, key, new.as_ref(), 1, &mut deltas);
+                rollup.add(key, old.as_ref(), -1, &mut deltas);
+                rollup.add(key, new.as_ref(), 1, &mut deltas);
             }
             match new {
                 Some(value) => {
