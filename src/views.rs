@@ -219,14 +219,6 @@ impl ViewDef {
             .map(|i| (false, i))
     }
 
-    /// The window start of a row's key.
-    pub fn window_start(&self, key: &Row) -> Option<Millis> {
-        match key.get(self.window_index()?) {
-            Some(Datum::Time(t)) => Some(*t),
-            _ => None,
-        }
-    }
-
     /// Checks the declaration: names exist, types fit. Run by a unit test and at start.
     pub fn validate(&self) -> Result<(), String> {
         let name = self.name;
