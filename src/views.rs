@@ -45,6 +45,15 @@ impl Datum {
 /// A row: key or value columns in declaration order.
 pub type Row = Vec<Datum>;
 
+/// The window start in a view's key, at the index [`ViewDef::window_index`] gives (found
+/// once per view by whoever reads many rows, not by column name for each).
+pub fn window_start(key: &Row, index: usize) -> Option<Millis> {
+    match key.get(index) {
+        Some(Datum::Time(t)) => Some(*t),
+        _ => None,
+    }
+}
+
 /// The type of a column.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ColumnType {

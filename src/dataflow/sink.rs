@@ -33,7 +33,7 @@ use crate::metrics::Metrics;
 use crate::record::PartitionId;
 use crate::store::{ChangeBatch, Store, StoreError, ViewChanges};
 use crate::time::{Finality, Time};
-use crate::views::{Datum, Row, ViewDef};
+use crate::views::{Datum, Row, ViewDef, window_start};
 
 /// What flows into the sink.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -412,14 +412,6 @@ pub fn click_sink(records: VecCollection<'_, Time, SinkRecord>, spec: SinkSpec) 
                 );
             }
         });
-}
-
-/// The window start in a view's key, at the index [`ViewDef::window_index`] gives.
-fn window_start(key: &Row, index: usize) -> Option<Time> {
-    match key.get(index) {
-        Some(Datum::Time(t)) => Some(*t),
-        _ => None,
-    }
 }
 
 /// Adds one update to a key's updates, consolidated as they come.

@@ -7,7 +7,7 @@ use super::{Ad, MetricScope, StoreError, Upserted};
 use crate::log::LogPosition;
 use crate::record::PartitionId;
 use crate::time::{Granularity, Millis};
-use crate::views::{ColumnType, Datum, Row, ViewDef};
+use crate::views::{ColumnType, Datum, Row, ViewDef, window_start};
 
 /// Summed measure deltas per `(scope index, scope id, granularity, window start)`. Keyed
 /// by the store's own numbers, so not SipHash: it was a tenth of the writer's rollup work.
@@ -45,7 +45,7 @@ impl<'v> RollupColumns<'v> {
         let (Some(r), Some(value)) = (&self.view.rollup, value) else {
             return;
         };
-        let Some(Datum::Time(window)) = key.get(self.window) else {
+        let Some(window) = window_start(key, self.window) else {
             return;
         };
         let get = |place: Option<Place>| -> Option<&Datum> {
@@ -59,8 +59,8 @@ impl<'v> RollupColumns<'v> {
             .iter()
             .map(|m| get(*m).and_then(Datum::as_i64).unwrap_or(0) * sign)
             .collect();
-        for (s, scope) in r.scopes.iter().map(|(scope, _)| scope).enumerate() {
-            let Some(Datum::Id(id)) = get(self.scopes[s]) else {
+        for (s, ((scope, _), place)) in r.scopes.iter().zip(&self.scopes).enumerate() {
+            let Some(Datum::Id(id)) = get(*place) else {
                 continue;
             };
             for g in r.granularities {
@@ -68,7 +68,7 @@ impl<'v> RollupColumns<'v> {
                     continue;
                 }
                 let slot = deltas
-                    .entry((s, *id, *g, g.align(*window)))
+                    .entry((s, *id, *g, g.align(window)))
                     .or_insert_with(|| vec![0; measures.len()]);
                 for (acc, m) in slot.iter_mut().zip(&measures) {
                     *acc += m;

@@ -697,7 +697,7 @@ fn apply_view(
     }
     let write = db("write view");
     let mut deltas = RollupDeltas::new();
-    if let Some(rollup) = RollupColumns::of(view) {
+    if let Some(columns) = RollupColumns::of(view) {
         let mut keys = Array::for_columns(view.key);
         for key in changes.keys() {
             push_row(&mut keys, view, view.key, key)?;
@@ -717,8 +717,8 @@ fn apply_view(
             old.insert(key, value);
         }
         for (key, new) in changes {
-            rollup.add(key, old.get(key), -1, &mut deltas);
-            rollup.add(key, new.as_ref(), 1, &mut deltas);
+            columns.add(key, old.get(key), -1, &mut deltas);
+            columns.add(key, new.as_ref(), 1, &mut deltas);
         }
     }
 

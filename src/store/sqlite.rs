@@ -254,13 +254,13 @@ impl SqliteStore {
         changes: &ViewChanges,
     ) -> rusqlite::Result<()> {
         let mut deltas = RollupDeltas::new();
-        let rollup = RollupColumns::of(view);
+        let rollup_columns = RollupColumns::of(view);
         let mut select = tx.prepare_cached(&sql.select_value)?;
         let mut upsert = tx.prepare_cached(&sql.upsert)?;
         let mut delete = tx.prepare_cached(&sql.delete)?;
         for (key, new) in changes {
             let key_values: Vec<Value> = key.iter().map(to_value).collect();
-            if let Some(rollup) = &rollup {
+            if let Some(columns) = &rollup_columns {
                 let old: Option<Row> = select
                     .query_row(rusqlite::params_from_iter(&key_values), |r| {
                         view.value
@@ -270,8 +270,8 @@ impl SqliteStore {
                             .collect()
                     })
                     .optional()?;
-                rollup.add(key, old.as_ref(), -1, &mut deltas);
-                rollup.add(key, new.as_ref(), 1, &mut deltas);
+                columns.add(key, old.as_ref(), -1, &mut deltas);
+                columns.add(key, new.as_ref(), 1, &mut deltas);
             }
             match new {
                 Some(value) => {
