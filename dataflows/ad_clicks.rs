@@ -5,6 +5,7 @@ use differential_dataflow::difference::{IsZero, Monoid, Multiply, Semigroup};
 use serde::{Deserialize, Serialize};
 
 use crate::dataflow::count::count_in_place;
+use crate::dataflow::lookup::join_in_place;
 use crate::time::{Granularity, minute_of};
 use crate::views::ColumnType::{Id, Int, Time};
 use crate::views::{
@@ -120,10 +121,12 @@ fn build<'s>(inputs: &ViewInputs<'s>) -> ViewCollection<'s> {
         // Two-stage counts: sum each worker's clicks per (ad, minute) before the exchange,
         // so a hot ad sends one partial sum per batch to its key's worker, not every click.
         .consolidate_stream();
-    count_in_place(clicks, inputs.pending_updates.clone())
-        .map(|((ad, minute), counts)| (ad, (minute, counts)))
-        .join(inputs.ads.clone())
-        .map(|(ad, ((minute, n), ad_record))| {
+    let counts = count_in_place(clicks, inputs.pending_updates.clone())
+        .map(|((ad, minute), counts)| (ad, (minute, counts)));
+    // The counts change at almost every tick, the catalog hardly ever: joined in place,
+    // not through an arrangement of every count change.
+    join_in_place(counts, inputs.ads.clone(), inputs.pending_updates.clone()).map(
+        |(ad, ((minute, n), ad_record))| {
             (
                 vec![Datum::Id(ad), Datum::Time(minute)],
                 vec![
@@ -135,5 +138,6 @@ fn build<'s>(inputs: &ViewInputs<'s>) -> ViewCollection<'s> {
                     Datum::Int(n.spend_micros),
                 ],
             )
-        })
+        },
+    )
 }

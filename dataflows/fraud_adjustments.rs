@@ -22,6 +22,7 @@
 //! - The declaration tells the truth: the row's click has its event time in `[w, w + 1m)`.
 
 use crate::dataflow::classify::Verdict;
+use crate::dataflow::lookup::join_in_place;
 use crate::record::impression_hex;
 use crate::time::{Finality, Granularity, minute_of};
 use crate::views::ColumnType::{Id, Int, Text, Time};
@@ -63,16 +64,16 @@ const BILLED_MS: u64 = Granularity::Minute.ms();
 
 fn build<'s>(inputs: &ViewInputs<'s>) -> ViewCollection<'s> {
     let finality = inputs.finality;
-    inputs
+    let adjusted = inputs
         .fraud
         .clone()
         .map(|c| (c.impression_id, c))
         .antijoin(inputs.burst_flagged.clone()) // fraud by a verdict alone
         .join(inputs.first_verdicts.clone())
         .filter(move |(_, (click, first))| came_after_freeze(finality, click, first))
-        .map(|(_, (click, first))| (click.ad_id, (click, first)))
-        .join(inputs.ads.clone())
-        .map(|(_, ((click, first), ad))| {
+        .map(|(_, (click, first))| (click.ad_id, (click, first)));
+    join_in_place(adjusted, inputs.ads.clone(), inputs.pending_updates.clone()).map(
+        |(_, ((click, first), ad))| {
             (
                 vec![
                     Datum::Id(click.ad_id),
@@ -90,7 +91,8 @@ fn build<'s>(inputs: &ViewInputs<'s>) -> ViewCollection<'s> {
                     Datum::Int(-(click.cpc_micros as i64)),
                 ],
             )
-        })
+        },
+    )
 }
 
 /// Whether the impression's first verdict reached the dataflow at or after the click's

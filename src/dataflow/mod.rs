@@ -8,6 +8,7 @@ pub mod dedup;
 pub mod demux;
 pub mod distinct;
 pub mod harness;
+pub mod lookup;
 pub mod packed;
 pub mod pending;
 pub mod sink;
