@@ -92,14 +92,18 @@ fn update(members: Option<Members>, imp: u128, diff: isize) -> Option<Members> {
 
 /// Impressions whose counted click shares its IP and second (`members`, see [`group_of`])
 /// with more than `max` others'.
-/// `held_back` counts the updates it holds back until their time is complete.
+/// `held_back` counts the updates it holds back until their time is complete; `expected`
+/// is how many groups to make room for before the first (at most one per impression).
 pub fn ip_bursts<'s>(
     members: VecCollection<'s, Time, (Group, u128)>,
     max: u64,
     held_back: Gauge,
+    expected: usize,
 ) -> VecCollection<'s, Time, u128> {
     let by_group = |(group, _): &(Group, u128)| group.hashed();
-    let mut groups: HashMap<Group, Members> = HashMap::new();
+    // Reserved: grown from empty during a replay, the map's rehashing was 9% of a worker's
+    // time in `bench/dataflow.rs` (most groups hold one impression, so it grows with them).
+    let mut groups: HashMap<Group, Members> = HashMap::with_capacity(expected);
     apply_complete_times_routed(
         members,
         "IpBursts",

@@ -90,8 +90,17 @@ pub struct Winners {
 impl Winners {
     /// No winners yet; clicks later than `lateness_ms` are late.
     pub fn new(lateness_ms: u64) -> Winners {
+        Winners::with_capacity(lateness_ms, 0)
+    }
+
+    /// No winners yet, with room for `impressions` of them: a replay that fills the table
+    /// from empty otherwise grows it a dozen times, and each growth reads every packed
+    /// winner's impression again to hash it (a quarter of the dedup's time in
+    /// `bench/dataflow.rs`).
+    pub fn with_capacity(lateness_ms: u64, impressions: usize) -> Winners {
         Winners {
             lateness_ms,
+            slots: HashTable::with_capacity(impressions),
             ..Winners::default()
         }
     }
@@ -230,7 +239,8 @@ fn relocate(
 }
 
 /// Per impression, the click that counts, and whether it was on time: the dedup.
-/// `state` reports the impressions it holds and the updates it holds back.
+/// `state` reports the impressions it holds and the updates it holds back, and says how
+/// many this worker should make room for.
 pub fn first_clicks<'s>(
     clicks: VecCollection<'s, Time, Click>,
     lateness_ms: u64,
@@ -239,9 +249,13 @@ pub fn first_clicks<'s>(
     let StateGauges {
         dedup_impressions,
         pending_updates,
+        expected_impressions,
     } = state;
     let held_back = pending_updates.clone();
-    let winners = Rc::new(RefCell::new(Winners::new(lateness_ms)));
+    let winners = Rc::new(RefCell::new(Winners::with_capacity(
+        lateness_ms,
+        expected_impressions,
+    )));
     let state = Rc::clone(&winners);
     // The same hash as differential's exchanges by impression, so the flags the fraud
     // join receives come to the worker that holds their impression's winner.

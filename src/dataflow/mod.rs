@@ -38,13 +38,48 @@ use crate::time::{Finality, Tick, Time};
 use crate::views::{ViewDef, ViewInputs};
 
 /// Gauges of the state the in-place operators hold (arrangements report theirs through
-/// differential's logging, `arrangements.rs`).
+/// differential's logging, `arrangements.rs`), and how large it is expected to grow.
 #[derive(Clone, Debug, Default)]
 pub struct StateGauges {
     /// Impressions the dedup holds a winner for.
     pub dedup_impressions: Gauge,
     /// Updates the in-place operators hold back until their time is complete.
     pub pending_updates: Gauge,
+    /// Impressions this worker's dedup and IP-burst rule make room for before they start:
+    /// its share of the clicks the replay will read (see [`expected_impressions`]).
+    pub expected_impressions: usize,
+}
+
+/// Room is reserved for at most this many impressions per worker: tables of 8M slots, the
+/// size the dedup's and the IP-burst rule's reach anyway past 3.5M impressions. The hint
+/// is the replay's clicks, which a horizon of live traffic matches (each click one
+/// impression, a few duplicates); a hint far too high would cost memory, since the slots
+/// in use are spread over the whole table.
+const MAX_RESERVED_IMPRESSIONS: usize = 4 << 20;
+
+/// A worker's share of the clicks between the replay's start positions and the log's end:
+/// an upper bound on the impressions its dedup holds once the replay is read (each click
+/// has one impression, and the replay starts a horizon back, so nothing older is live).
+/// 0 when the log cannot say: the table then grows as it fills.
+pub fn expected_impressions(log: &dyn Log, recovery: &RecoveryPoint, peers: usize) -> usize {
+    let ends = match log.end_offsets() {
+        Ok(ends) => ends,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the log's end offsets; the dedup grows as it fills");
+            return 0;
+        }
+    };
+    let starts: std::collections::BTreeMap<PartitionId, LogPosition> =
+        start_positions(log, recovery).into_iter().collect();
+    let clicks: u64 = ends
+        .into_iter()
+        .filter(|(p, _)| p.topic == Topic::Clicks)
+        .map(|(p, end)| end.saturating_sub(starts.get(&p).map_or(0, |s| s.offset)))
+        .sum();
+    let share = clicks / peers.max(1) as u64;
+    usize::try_from(share).map_or(MAX_RESERVED_IMPRESSIONS, |n| {
+        n.min(MAX_RESERVED_IMPRESSIONS)
+    })
 }
 
 /// The inputs every view reads, built from the source's events; `state` reports what the
@@ -312,6 +347,7 @@ impl Engine {
             let state = StateGauges {
                 dedup_impressions: metrics.dedup_impressions.clone(),
                 pending_updates: metrics.pending_updates.clone(),
+                expected_impressions: expected_impressions(&*log, &recovery, peers),
             };
             arrangements::report_sizes(worker, &metrics);
             worker.dataflow::<Time, _, _>(move |scope| {

@@ -381,7 +381,16 @@ pub fn click_sink(records: VecCollection<'_, Time, SinkRecord>, spec: SinkSpec) 
             last_upper = upper;
             last_keys = rows.len();
 
-            let mut changes: Vec<ViewChanges> = vec![ViewChanges::new(); views.len()];
+            // Sized per view up front: grown as they fill, these maps' rehashing was 1% of
+            // a worker's time in `bench/dataflow.rs`.
+            let mut per_view = vec![0usize; views.len()];
+            for (view, _) in rows.keys() {
+                per_view[*view as usize] += 1;
+            }
+            let mut changes: Vec<ViewChanges> = per_view
+                .into_iter()
+                .map(ViewChanges::with_capacity)
+                .collect();
             for ((view, key), updates) in rows {
                 if let Some(c) = classes.filter(|c| c.view == view) {
                     c.count(&updates, &mut tally);
