@@ -71,10 +71,20 @@ pub fn expected_impressions(log: &dyn Log, recovery: &RecoveryPoint, peers: usiz
     };
     let starts: std::collections::BTreeMap<PartitionId, LogPosition> =
         start_positions(log, recovery).into_iter().collect();
+    replay_share(&ends, &starts, peers)
+}
+
+/// A worker's share of the click records between `starts` and `ends`, at most
+/// [`MAX_RESERVED_IMPRESSIONS`].
+fn replay_share(
+    ends: &[(PartitionId, u64)],
+    starts: &std::collections::BTreeMap<PartitionId, LogPosition>,
+    peers: usize,
+) -> usize {
     let clicks: u64 = ends
-        .into_iter()
+        .iter()
         .filter(|(p, _)| p.topic == Topic::Clicks)
-        .map(|(p, end)| end.saturating_sub(starts.get(&p).map_or(0, |s| s.offset)))
+        .map(|(p, end)| end.saturating_sub(starts.get(p).map_or(0, |s| s.offset)))
         .sum();
     let share = clicks / peers.max(1) as u64;
     usize::try_from(share).map_or(MAX_RESERVED_IMPRESSIONS, |n| {
@@ -418,6 +428,39 @@ impl Drop for Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_worker_reserves_its_share_of_the_clicks_the_replay_reads() {
+        let clicks = |partition| PartitionId {
+            topic: Topic::Clicks,
+            partition,
+        };
+        let verdicts = PartitionId {
+            topic: Topic::FraudVerdicts,
+            partition: 0,
+        };
+        let ends = [(clicks(0), 1_000), (clicks(1), 600), (verdicts, 5_000)];
+        let at = |offset| LogPosition {
+            offset,
+            time_floor_ms: 0,
+        };
+        // Partition 0 replays from 400, partition 1 from its start; verdicts do not count.
+        let starts = [(clicks(0), at(400)), (verdicts, at(0))]
+            .into_iter()
+            .collect();
+        assert_eq!(replay_share(&ends, &starts, 1), 1_200);
+        assert_eq!(replay_share(&ends, &starts, 2), 600);
+        // A start past the end (a log that was truncated) reserves nothing for it.
+        let starts = [(clicks(0), at(2_000)), (clicks(1), at(600))]
+            .into_iter()
+            .collect();
+        assert_eq!(replay_share(&ends, &starts, 1), 0);
+        let huge = [(clicks(0), u64::MAX)];
+        assert_eq!(
+            replay_share(&huge, &Default::default(), 1),
+            MAX_RESERVED_IMPRESSIONS
+        );
+    }
 
     #[test]
     fn local_readers_are_the_workers_that_get_a_partition() {
