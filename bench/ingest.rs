@@ -136,8 +136,9 @@ impl Phase {
             .map(|us| format!("{:.0}", *us as f64 / 1000.0))
             .collect();
         println!(
-            "  {:<22} worst latency by second of the phase, ms: {}",
+            "  {:<22} worst latency by second of the phase (from Unix ms {}), ms: {}",
             "",
+            o.started_unix_ms,
             worst.join(" ")
         );
         println!(

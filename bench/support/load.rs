@@ -127,6 +127,9 @@ pub struct Outcome {
     pub worst_by_second_us: Vec<u64>,
     /// First send to last answer.
     pub elapsed: Duration,
+    /// When the phase's schedule started, in Unix ms: lines the seconds of
+    /// `worst_by_second_us` up with other timelines (`bench/stall_probe.py`).
+    pub started_unix_ms: u64,
     /// The first refused answer or transport error, for the report.
     pub first_problem: Option<String>,
 }
@@ -360,7 +363,11 @@ pub async fn run(addr: SocketAddr, plan: Plan, make: Make, judge: Judge) -> Outc
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let (requests, deadline) = (plan.requests, plan.deadline);
     // The open loop starts a moment ahead, once the connections are up.
-    let start = Instant::now() + interval.map_or(Duration::ZERO, |_| Duration::from_millis(50));
+    let lead = interval.map_or(Duration::ZERO, |_| Duration::from_millis(50));
+    let start = Instant::now() + lead;
+    let started_unix_ms = (std::time::SystemTime::now() + lead)
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let shared = Arc::new(Shared {
         addr,
         host: addr.to_string(),
@@ -398,6 +405,7 @@ pub async fn run(addr: SocketAddr, plan: Plan, make: Make, judge: Judge) -> Outc
         }
     }
     total.elapsed = shared.start.elapsed();
+    total.started_unix_ms = started_unix_ms;
     total.unsent = requests.saturating_sub(shared.taken.load(Ordering::Relaxed));
     total
 }
