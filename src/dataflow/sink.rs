@@ -385,7 +385,9 @@ pub fn click_sink(records: VecCollection<'_, Time, SinkRecord>, spec: SinkSpec) 
             // a worker's time in `bench/dataflow.rs`.
             let mut per_view = vec![0usize; views.len()];
             for (view, _) in rows.keys() {
-                per_view[*view as usize] += 1;
+                if let Some(n) = per_view.get_mut(*view as usize) {
+                    *n += 1;
+                }
             }
             let mut changes: Vec<ViewChanges> = per_view
                 .into_iter()
