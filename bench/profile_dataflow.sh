@@ -19,7 +19,7 @@ freq="${PROFILE_FREQ:-149}"
 mkdir -p "$dir"
 
 if ! command -v perf >/dev/null; then
-    apt-get install -y -qq linux-perf >/dev/null
+    apt-get update -qq && apt-get install -y -qq linux-perf >/dev/null
 fi
 
 exe=$(cargo bench --bench dataflow --no-run --message-format=json 2>/dev/null |
