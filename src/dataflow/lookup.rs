@@ -4,8 +4,8 @@
 //! catalog (`ad_clicks` its counts, for the campaign and advertiser of each ad), and the
 //! counts change a key at almost every tick: each change is a retraction and an addition
 //! that the join's left arrangement sorts into a batch, merges again and again as the trace
-//! grows, and holds for the catalog's sake, while the catalog itself (10k ads) changes a
-//! few times a day. Here both sides live in hash maps updated as times complete: a left
+//! grows, and holds for the catalog's sake, while the catalog itself changes when an ad is
+//! created or moved. Here both sides live in hash maps updated as times complete: a left
 //! update is one lookup of its key's right values, and a change of a key's right side
 //! visits that key's left records. The output at every time is `join`'s.
 
@@ -23,6 +23,9 @@ use timely::dataflow::operators::generic::Operator;
 use super::pending::Pending;
 use super::updates::add_update;
 use crate::time::Time;
+
+/// What the operator emits: the joined records with their times and differences.
+type JoinedOut<K, V, W> = CapacityContainerBuilder<Vec<((K, (V, W)), Time, isize)>>;
 
 /// One side's update, held back until its time is complete.
 enum Side<K, V, W> {
@@ -46,7 +49,7 @@ where
     let by_key_left = Exchange::new(|((k, _), _, _): &((K, V), Time, isize)| k.hashed().into());
     let by_key_right = Exchange::new(|((k, _), _, _): &((K, W), Time, isize)| k.hashed().into());
     left.inner
-        .binary_frontier::<_, CapacityContainerBuilder<Vec<((K, (V, W)), Time, isize)>>, _, _, _, _>(
+        .binary_frontier::<_, JoinedOut<K, V, W>, _, _, _, _>(
             right.inner,
             by_key_left,
             by_key_right,
@@ -57,11 +60,15 @@ where
                 let mut out = Vec::new();
                 move |(left, left_frontier), (right, right_frontier), output| {
                     left.for_each(|cap, data| {
-                        let updates = data.drain(..).map(|((k, v), t, d)| (t, Side::Left(k, v, d)));
+                        let updates = data
+                            .drain(..)
+                            .map(|((k, v), t, d)| (t, Side::Left(k, v, d)));
                         pending.stash(&cap, updates);
                     });
                     right.for_each(|cap, data| {
-                        let updates = data.drain(..).map(|((k, w), t, d)| (t, Side::Right(k, w, d)));
+                        let updates = data
+                            .drain(..)
+                            .map(|((k, w), t, d)| (t, Side::Right(k, w, d)));
                         pending.stash(&cap, updates);
                     });
                     let complete =
