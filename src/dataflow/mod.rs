@@ -57,20 +57,25 @@ pub struct StateGauges {
 /// in use are spread over the whole table.
 const MAX_RESERVED_IMPRESSIONS: usize = 4 << 20;
 
-/// A worker's share of the clicks between the replay's start positions and the log's end:
-/// an upper bound on the impressions its dedup holds once the replay is read (each click
-/// has one impression, and the replay starts a horizon back, so nothing older is live).
-/// 0 when the log cannot say: the table then grows as it fills.
-pub fn expected_impressions(log: &dyn Log, recovery: &RecoveryPoint, peers: usize) -> usize {
+/// A worker's share of the clicks between the replay's start positions (`starts`, from
+/// [`start_positions`]) and the log's end: an upper bound on the impressions its dedup
+/// holds once the replay is read (each click has one impression, and the replay starts a
+/// horizon back, so nothing older is live). 0 when the log cannot say: the tables then
+/// grow as they fill.
+pub fn expected_impressions(
+    log: &dyn Log,
+    starts: &[(PartitionId, LogPosition)],
+    peers: usize,
+) -> usize {
     let ends = match log.end_offsets() {
         Ok(ends) => ends,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot read the log's end offsets; the dedup grows as it fills");
+            tracing::warn!(error = %e, "cannot read the log's end offsets; the dedup's and the IP-burst rule's tables grow as they fill");
             return 0;
         }
     };
     let starts: std::collections::BTreeMap<PartitionId, LogPosition> =
-        start_positions(log, recovery).into_iter().collect();
+        starts.iter().copied().collect();
     replay_share(&ends, &starts, peers)
 }
 
@@ -324,11 +329,12 @@ impl Engine {
                     "starting dataflow"
                 );
             }
-            let mine: Vec<(PartitionId, LogPosition)> = start_positions(&*log, &recovery)
-                .into_iter()
+            let starts = start_positions(&*log, &recovery);
+            let mine: Vec<(PartitionId, LogPosition)> = starts
+                .iter()
                 .enumerate()
                 .filter(|(i, _)| i % peers == index)
-                .map(|(_, p)| p)
+                .map(|(_, p)| *p)
                 .collect();
             let source_spec = SourceSpec {
                 log: Arc::clone(&log),
@@ -357,7 +363,7 @@ impl Engine {
             let state = StateGauges {
                 dedup_impressions: metrics.dedup_impressions.clone(),
                 pending_updates: metrics.pending_updates.clone(),
-                expected_impressions: expected_impressions(&*log, &recovery, peers),
+                expected_impressions: expected_impressions(&*log, &starts, peers),
             };
             arrangements::report_sizes(worker, &metrics);
             worker.dataflow::<Time, _, _>(move |scope| {

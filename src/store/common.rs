@@ -7,7 +7,7 @@ use super::{Ad, MetricScope, StoreError, Upserted};
 use crate::log::LogPosition;
 use crate::record::PartitionId;
 use crate::time::{Granularity, Millis};
-use crate::views::{ColumnType, Datum, Row, ViewDef, window_start};
+use crate::views::{ColumnType, Datum, RollupSpec, Row, ViewDef, window_start};
 
 /// Summed measure deltas per `(scope index, scope id, granularity, window start)`. Keyed
 /// by the store's own numbers, so not SipHash: it was a tenth of the writer's rollup work.
@@ -22,7 +22,7 @@ type Place = (bool, usize);
 /// Where a view's rollup reads its window, measures and scope ids: found by column name
 /// once per commit, not for every row (the writer's second largest cost after SQLite).
 pub(crate) struct RollupColumns<'v> {
-    view: &'v ViewDef,
+    rollup: &'v RollupSpec,
     window: usize,
     measures: Vec<Option<Place>>,
     scopes: Vec<Option<Place>>,
@@ -33,7 +33,7 @@ impl<'v> RollupColumns<'v> {
     pub(crate) fn of(view: &'v ViewDef) -> Option<RollupColumns<'v>> {
         let r = view.rollup.as_ref()?;
         Some(RollupColumns {
-            view,
+            rollup: r,
             window: view.window_index()?,
             measures: r.measures.iter().map(|m| view.column(m)).collect(),
             scopes: r.scopes.iter().map(|(_, c)| view.column(c)).collect(),
@@ -42,7 +42,7 @@ impl<'v> RollupColumns<'v> {
 
     /// Adds `sign` times a row's measures to the rollup windows it falls in.
     pub(crate) fn add(&self, key: &Row, value: Option<&Row>, sign: i64, deltas: &mut RollupDeltas) {
-        let (Some(r), Some(value)) = (&self.view.rollup, value) else {
+        let (r, Some(value)) = (self.rollup, value) else {
             return;
         };
         let Some(window) = window_start(key, self.window) else {
