@@ -39,7 +39,7 @@ where
 }
 
 /// The live sums, and the changes of one time gathered per key before they are applied.
-pub(super) struct Sums<K, R> {
+struct Sums<K, R> {
     live: HashMap<K, R>,
     /// Reused from time to time: a key's updates within a time are summed here first, so
     /// the key changes once per time, as `count_total`'s output does.
@@ -58,7 +58,7 @@ impl<K, R> Default for Sums<K, R> {
 impl<K: Hash + Eq + Clone, R: Semigroup> Sums<K, R> {
     /// Applies the updates of one time; `emit` gets `((key, old sum), -1)` and
     /// `((key, new sum), +1)` for every key whose sum changed, leaving out zero sums.
-    pub(super) fn apply(
+    fn apply(
         &mut self,
         updates: impl IntoIterator<Item = (K, R)>,
         mut emit: impl FnMut((K, R), isize),
