@@ -11,7 +11,8 @@ hold snapshots.
     python3 bench/wal_probe.py --secs 60 [--shm PATH | --pid PID]
 
 Without --shm it follows the newest `log.db-shm` that process PID (or any process) has
-open, looking again every second (a bench may start a server per phase). Fields read (sqlite.org/walformat.html, native byte order): the index header's
+open, looking again every second (a bench may start a server per phase). Fields read
+(sqlite.org/walformat.html, in the machine's native byte order): the index header's
 mxFrame (offset 16) and the checkpoint info's nBackfill (offset 96).
 """
 
@@ -57,6 +58,8 @@ def main():
     if shm is None:
         print("wal_probe: no log.db-shm found")
         return
+    if not os.path.exists(shm):
+        raise SystemExit(f"wal_probe: {shm} does not exist")
     print(f"wal_probe: {shm}")
     print("unix_s  max_frames  max_uncopied  restarts  samples")
     fd = os.open(shm, os.O_RDONLY)
@@ -67,8 +70,8 @@ def main():
         # to 0 from its own stale buffer.
         head = os.pread(fd, 136, 0)
         if len(head) >= 100:
-            mx_frame = struct.unpack_from("<I", head, 16)[0]
-            backfill = struct.unpack_from("<I", head, 96)[0]
+            mx_frame = struct.unpack_from("=I", head, 16)[0]
+            backfill = struct.unpack_from("=I", head, 96)[0]
             max_frames = max(max_frames, mx_frame)
             max_uncopied = max(max_uncopied, mx_frame - min(backfill, mx_frame))
             if last is not None and mx_frame < last:
