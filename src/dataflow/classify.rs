@@ -138,7 +138,6 @@ pub fn classify<'s>(
         firsts.burst_keys.clone(),
         rules.max_clicks_per_ip_per_second,
         state.pending_updates,
-        state.expected_impressions,
     );
     let flagged = first_verdicts
         .clone()

@@ -45,13 +45,13 @@ pub struct StateGauges {
     pub dedup_impressions: Gauge,
     /// Updates the in-place operators hold back until their time is complete.
     pub pending_updates: Gauge,
-    /// Impressions this worker's dedup and IP-burst rule make room for before they start:
+    /// Impressions this worker's dedup makes room for before it starts:
     /// its share of the clicks the replay will read (see [`expected_impressions`]).
     pub expected_impressions: usize,
 }
 
 /// Room is reserved for at most this many impressions per worker: tables of 8M slots, the
-/// size the dedup's and the IP-burst rule's reach anyway past 3.5M impressions. The hint
+/// size the dedup's reaches anyway past 3.5M impressions. The hint
 /// is the replay's clicks, which a horizon of live traffic matches (each click one
 /// impression, a few duplicates); a hint far too high would cost memory, since the slots
 /// in use are spread over the whole table.
@@ -70,7 +70,7 @@ pub fn expected_impressions(
     let ends = match log.end_offsets() {
         Ok(ends) => ends,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot read the log's end offsets; the dedup's and the IP-burst rule's tables grow as they fill");
+            tracing::warn!(error = %e, "cannot read the log's end offsets; the dedup's table grows as it fills");
             return 0;
         }
     };
