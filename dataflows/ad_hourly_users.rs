@@ -6,7 +6,7 @@
 use crate::dataflow::distinct::count_distinct_in_place;
 use crate::time::Granularity;
 use crate::views::ColumnType::{Id, Int, Time};
-use crate::views::{Datum, ViewCollection, ViewDef, ViewInputs, WindowSpec, col};
+use crate::views::{CompactId, Datum, ViewCollection, ViewDef, ViewInputs, WindowSpec, col};
 
 /// The view.
 pub const VIEW: ViewDef = ViewDef {
@@ -26,7 +26,8 @@ fn build<'s>(inputs: &ViewInputs<'s>) -> ViewCollection<'s> {
     let users = inputs.billable.clone().map(|c| {
         (
             (c.ad_id, Granularity::Hour.align(c.event_time_ms)),
-            c.user_id,
+            // Compact: the operator keeps every user of a group in a map.
+            CompactId::of(&c.user_id),
         )
     });
     // Each user once per (ad, hour), counted in place: no arrangement of every triple.

@@ -141,9 +141,21 @@ fn click_of(c: &ClickSpec) -> Click {
         event_time_ms: c.record - c.age,
         record_time_ms: c.record,
         click_id: format!("c{}", c.click).into(),
-        user_id: format!("u{}", c.user).into(),
+        user_id: user_id(c.user).into(),
         ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, c.ip)),
         cpc_micros: c.cpc,
+    }
+}
+
+/// Distinct users get distinct ids, in the three forms a view's `CompactId` tells apart:
+/// a canonical decimal ("7", kept as a number), the same digits with a leading zero
+/// ("07", kept as text: another user) and text ("u7").
+fn user_id(user: u8) -> String {
+    let n = user / 3;
+    match user % 3 {
+        0 => format!("{n}"),
+        1 => format!("0{n}"),
+        _ => format!("u{n}"),
     }
 }
 

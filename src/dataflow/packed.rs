@@ -55,14 +55,9 @@ enum Id<'a> {
 
 impl<'a> Id<'a> {
     fn of(s: &'a str) -> Id<'a> {
-        let b = s.as_bytes();
-        let canonical = !b.is_empty()
-            && b.len() <= 20
-            && b.iter().all(u8::is_ascii_digit)
-            && (b[0] != b'0' || b.len() == 1);
-        match s.parse() {
-            Ok(n) if canonical => Id::Number(n),
-            _ => Id::Text(s),
+        match crate::views::decimal_id(s) {
+            Some(n) => Id::Number(n),
+            None => Id::Text(s),
         }
     }
 
