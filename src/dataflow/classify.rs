@@ -24,7 +24,7 @@ use smol_str::SmolStr;
 use super::StateGauges;
 use super::bursts::ip_bursts;
 use super::dedup::first_clicks;
-use crate::record::{AdRecord, ClickEvent};
+use crate::record::{AdRecord, ClickEvent, ClickEventRef};
 use crate::time::{Millis, Time};
 use crate::views::{ClassifiedClick, ClickClass};
 
@@ -54,14 +54,19 @@ impl Click {
     /// time; event times older than an impression's lifetime are clamped to
     /// `record time - TTL`, which bounds how late a click can land in a window.
     pub fn from_event(e: ClickEvent, record_time_ms: Millis, ttl_ms: u64) -> Click {
+        Click::from_payload(ClickEventRef::of(&e), record_time_ms, ttl_ms)
+    }
+
+    /// [`Click::from_event`] of a click read in place from its payload.
+    pub fn from_payload(e: ClickEventRef<'_>, record_time_ms: Millis, ttl_ms: u64) -> Click {
         let earliest = record_time_ms.saturating_sub(ttl_ms);
         Click {
             impression_id: e.impression_id,
             ad_id: e.ad_id,
             event_time_ms: e.event_time_ms.clamp(earliest, record_time_ms),
             record_time_ms,
-            click_id: SmolStr::from(e.click_id),
-            user_id: SmolStr::from(e.user_id),
+            click_id: SmolStr::new(e.click_id),
+            user_id: SmolStr::new(e.user_id),
             ip: e.ip,
             cpc_micros: e.cpc_micros,
         }

@@ -34,7 +34,7 @@ use crate::log::{Log, LogPosition, PartitionBatch};
 use crate::metrics::Metrics;
 use crate::progress::{Counter, Display, Progress};
 use crate::record::{
-    AdRecord, ClickEvent, FraudVerdict, PartitionId, Payload, Topic, is_heartbeat,
+    AdRecord, ClickEventRef, FraudVerdict, PartitionId, Payload, Topic, is_heartbeat,
 };
 use crate::time::{Tick, Time, now_ms};
 
@@ -646,9 +646,9 @@ struct RecordAt {
 
 fn decode(topic: Topic, at: RecordAt, payload: &[u8], ttl_ms: u64) -> Option<SourceEvent> {
     match topic {
-        Topic::Clicks => ClickEvent::decode(payload)
+        Topic::Clicks => ClickEventRef::decode(payload)
             .ok()
-            .map(|e| SourceEvent::Click(Click::from_event(e, at.record_time_ms, ttl_ms))),
+            .map(|e| SourceEvent::Click(Click::from_payload(e, at.record_time_ms, ttl_ms))),
         // A verdict carries its arrival time as data: the adjustment view compares it with
         // the finality of the window its click was billed in.
         Topic::FraudVerdicts => FraudVerdict::decode(payload).ok().map(|v| {
@@ -739,6 +739,7 @@ fn read_loop(
 mod tests {
     use super::*;
     use crate::progress::{Display, Progress};
+    use crate::record::ClickEvent;
 
     fn batch(partition: u32, next: u64) -> PartitionBatch {
         PartitionBatch {
