@@ -193,15 +193,27 @@ impl<'a> ClickEventRef<'a> {
 
     /// The borrowed view of an owned click.
     pub fn of(e: &'a ClickEvent) -> ClickEventRef<'a> {
+        // Destructured in full: a field added to `ClickEvent` stops the build here, where
+        // this twin must gain it too (postcard would otherwise leave it unread).
+        let ClickEvent {
+            impression_id,
+            ad_id,
+            issued_at_ms,
+            event_time_ms,
+            click_id,
+            user_id,
+            ip,
+            cpc_micros,
+        } = e;
         ClickEventRef {
-            impression_id: e.impression_id,
-            ad_id: e.ad_id,
-            issued_at_ms: e.issued_at_ms,
-            event_time_ms: e.event_time_ms,
-            click_id: &e.click_id,
-            user_id: &e.user_id,
-            ip: e.ip,
-            cpc_micros: e.cpc_micros,
+            impression_id: *impression_id,
+            ad_id: *ad_id,
+            issued_at_ms: *issued_at_ms,
+            event_time_ms: *event_time_ms,
+            click_id,
+            user_id,
+            ip: *ip,
+            cpc_micros: *cpc_micros,
         }
     }
 }

@@ -386,7 +386,7 @@ mod tests {
     }
 
     #[test]
-    fn a_compact_id_is_one_word_and_only_canonical_decimals_become_numbers() {
+    fn a_compact_id_takes_16_bytes_and_only_canonical_decimals_become_numbers() {
         assert_eq!(std::mem::size_of::<CompactId>(), 16);
         assert_eq!(CompactId::of("618009"), CompactId::Number(618_009));
         assert_eq!(CompactId::of("0"), CompactId::Number(0));
