@@ -27,7 +27,9 @@ use timely::dataflow::operators::Probe;
 
 use self::classify::{Rules, classify, latest_ads};
 use self::demux::{SourceStreams, split_events};
-use self::sink::{Handoff, SinkRecord, SinkSpec, SinkStatus, click_sink, spawn_writer};
+use self::sink::{
+    Consolidator, Handoff, SinkRecord, SinkSpec, SinkStatus, click_sink, spawn_writer,
+};
 use self::source::{Replay, SourceSpec, log_source};
 use crate::cluster::{ClusterSpec, Heartbeat, Liveness, Watchdog, agree_on_recovery};
 use crate::log::{ADS_PARTITION, Log, LogPosition, all_partitions};
@@ -268,9 +270,16 @@ impl Engine {
                 "recovery point"
             );
             let status = Arc::new(SinkStatus::new(recovery.as_of));
+            let consolidator = Consolidator::new(
+                recovery.as_of,
+                recovery.committed.clone(),
+                spec.finality,
+                views,
+            );
             let writer = spawn_writer(
                 store,
                 Arc::clone(&handoff),
+                consolidator,
                 Arc::clone(&status),
                 Arc::clone(&metrics),
             )
@@ -353,9 +362,6 @@ impl Engine {
             let sink_spec = SinkSpec {
                 handoff: Arc::clone(&sink_handoff),
                 as_of: recovery.as_of,
-                positions: recovery.committed.clone(),
-                finality: spec.finality,
-                views,
                 idle_commit_interval: spec.idle_commit_interval,
                 status: Arc::clone(&sink_status),
             };

@@ -3,13 +3,15 @@
 //!
 //! All view rows and position markers are exchanged to worker 0, whose `ClickSink`
 //! operator sees the global frontier. When it passes `upper`, every change at a time
-//! before `upper` is final; the operator consolidates them into absolute values per key
-//! and hands one [`ChangeBatch`] to the writer thread, which commits it with the
-//! positions in ONE store transaction. The operator never blocks: while the writer is
-//! busy (or the store is down), later batches fold into the one waiting, so the backlog
-//! is bounded by the number of distinct keys, and the committed frontier holds.
+//! before `upper` is final; the operator hands those updates to the writer thread as a
+//! [`SinkBatch`], and the writer consolidates them into absolute values per key
+//! ([`Consolidator`]) and commits them with the positions in ONE store transaction. The
+//! operator never blocks: while the writer is busy, later batches wait in the hand-off and
+//! join the next commit, and while the store is down the writer consolidates them as they
+//! come, so the backlog is bounded by the number of distinct keys, and the committed
+//! frontier holds.
 //!
-//! Recovery: the operator stays silent below the committed frontier `as_of`, and rows of
+//! Recovery: the sink stays silent below the committed frontier `as_of`, and rows of
 //! windows that are final at an update's time are not stored (those updates are expiry
 //! retractions of the horizon, or corrections too late to take).
 
@@ -133,23 +135,39 @@ impl ClassColumns {
     }
 }
 
+/// The updates the sink operator hands to the writer thread: every record at a time
+/// before `upper` that it had not handed over yet, in the containers they arrived in.
+#[derive(Debug, Default)]
+pub struct SinkBatch {
+    /// Every update at a time before it is included.
+    pub upper: Time,
+    /// The updates, in arrival order: a key's updates come from one upstream operator
+    /// through one channel, so they are in time order.
+    pub updates: Vec<Vec<(SinkRecord, Time, isize)>>,
+}
+
+impl SinkBatch {
+    /// Appends a later batch.
+    fn append(&mut self, mut later: SinkBatch) {
+        self.upper = self.upper.max(later.upper);
+        self.updates.append(&mut later.updates);
+    }
+}
+
 /// The slot between the sink operator and the writer thread.
 #[derive(Default)]
 pub struct Handoff {
-    state: Mutex<(Option<(ChangeBatch, Tally)>, bool)>,
+    state: Mutex<(Option<SinkBatch>, bool)>,
     ready: Condvar,
 }
 
 impl Handoff {
-    /// Offers a batch; folds it into one the writer has not taken yet.
-    pub fn offer(&self, batch: ChangeBatch, tally: Tally) {
+    /// Offers a batch; appends it to one the writer has not taken yet.
+    pub fn offer(&self, batch: SinkBatch) {
         let mut state = self.state.lock();
         match &mut state.0 {
-            Some((waiting, waiting_tally)) => {
-                waiting.absorb(batch);
-                waiting_tally.absorb(tally);
-            }
-            slot @ None => *slot = Some((batch, tally)),
+            Some(waiting) => waiting.append(batch),
+            slot @ None => *slot = Some(batch),
         }
         self.ready.notify_one();
     }
@@ -161,7 +179,7 @@ impl Handoff {
     }
 
     /// Waits for a batch; `None` once closed and drained.
-    pub fn take(&self) -> Option<(ChangeBatch, Tally)> {
+    pub fn take(&self) -> Option<SinkBatch> {
         let mut state = self.state.lock();
         loop {
             if let Some(batch) = state.0.take() {
@@ -174,8 +192,22 @@ impl Handoff {
         }
     }
 
+    /// Waits for a batch until `deadline`; `None` once it has passed, or once closed and
+    /// drained.
+    pub fn take_until(&self, deadline: Instant) -> Option<SinkBatch> {
+        let mut state = self.state.lock();
+        loop {
+            if let Some(batch) = state.0.take() {
+                return Some(batch);
+            }
+            if state.1 || self.ready.wait_until(&mut state, deadline).timed_out() {
+                return state.0.take();
+            }
+        }
+    }
+
     /// A batch if one is waiting.
-    pub fn try_take(&self) -> Option<(ChangeBatch, Tally)> {
+    pub fn try_take(&self) -> Option<SinkBatch> {
         self.state.lock().0.take()
     }
 }
@@ -275,12 +307,6 @@ pub struct SinkSpec {
     pub handoff: Arc<Handoff>,
     /// The committed frontier to stay silent below.
     pub as_of: Time,
-    /// Positions committed with `as_of`.
-    pub positions: BTreeMap<PartitionId, LogPosition>,
-    /// When windows become final.
-    pub finality: Finality,
-    /// The view registry.
-    pub views: &'static [ViewDef],
     /// Batches without row changes are committed at most this often.
     pub idle_commit_interval: Duration,
     /// Where the sink reports the frontier it sees.
@@ -288,13 +314,15 @@ pub struct SinkSpec {
 }
 
 /// Installs the sink on worker 0 for `records`.
+///
+/// The operator only keeps time: it holds the updates until the frontier passes them and
+/// hands them over as they came. Consolidating them into rows ([`Consolidator`]) is most
+/// of a sink's work, and the writer thread does it, beside the workers rather than on
+/// worker 0, which would otherwise do it on top of its share of the dataflow.
 pub fn click_sink(records: VecCollection<'_, Time, SinkRecord>, spec: SinkSpec) {
     let SinkSpec {
         handoff,
         as_of,
-        mut positions,
-        finality,
-        views,
         idle_commit_interval,
         status,
     } = spec;
@@ -305,124 +333,194 @@ pub fn click_sink(records: VecCollection<'_, Time, SinkRecord>, spec: SinkSpec) 
     // the store would then skip worker 0's real batch for that `upper` as already stored.
     // Worker indexes are global across a cluster's processes: only process 0 has worker 0.
     let committer = records.inner.scope().index() == 0;
-    // Updates by time, so the ones before a new `upper` split off without moving the rest.
-    let mut pending: BTreeMap<Time, Vec<(SinkRecord, isize)>> = BTreeMap::new();
+    // The input's containers, kept whole: most hold updates of one time and are handed
+    // over whole at the next frontier.
+    let mut pending: Vec<Vec<(SinkRecord, Time, isize)>> = Vec::new();
     let mut last_upper = as_of;
-    let mut last_keys = 0;
+    // Until the frontier passes `as_of`, a replay brings updates that were committed
+    // before the restart: dropped as they come rather than held until then.
+    let mut replaying = true;
     let mut last_offer = Instant::now();
-    let classes = ClassColumns::of(views);
-    // Found once: by column name for every row update, it was 9% of this operator.
-    let windows: Vec<Option<usize>> = views.iter().map(ViewDef::window_index).collect();
-    let mut tally = Tally::default();
     let to_worker_zero = Exchange::new(|_: &(SinkRecord, Time, isize)| 0u64);
     records
         .inner
         .sink(to_worker_zero, "ClickSink", move |(input, frontier)| {
             input.for_each(|_, data| {
-                for (record, time, diff) in data.drain(..) {
-                    pending.entry(time).or_default().push((record, diff));
+                if replaying {
+                    data.retain(|(_, time, _)| *time >= as_of);
+                }
+                if committer && !data.is_empty() {
+                    pending.push(std::mem::take(data));
                 }
             });
-            if let Some(&f) = frontier.frontier().as_option() {
-                status.observe(f);
-            }
-            if !committer {
-                pending.clear();
-                return;
-            }
-            // An empty frontier means the dataflow is shutting down: what is in flight will
-            // be replayed on restart, so nothing is committed for it.
             let Some(&upper) = frontier.frontier().as_option() else {
+                // An empty frontier means the dataflow is shutting down: what is in flight
+                // will be replayed on restart, so nothing is committed for it.
                 return;
             };
-            if upper <= last_upper {
+            status.observe(upper);
+            replaying &= upper <= as_of;
+            if !committer || upper <= last_upper {
                 return;
             }
-            let later = pending.split_off(&upper);
-            let ready = std::mem::replace(&mut pending, later);
-
-            // Sized like the last commit's, so a large commit does not rehash as it fills.
-            let mut rows: HashMap<(u16, Row), Vec<(Row, isize)>> =
-                HashMap::with_capacity(last_keys);
-            let ready = ready
-                .into_iter()
-                .flat_map(|(time, updates)| updates.into_iter().map(move |(r, d)| (r, time, d)));
-            for (record, time, diff) in ready {
-                if time < as_of {
-                    continue;
-                }
-                match record {
-                    SinkRecord::ClicksRead(n) => {
-                        tally.clicks_read += n * diff.max(0) as u64;
-                    }
-                    SinkRecord::Position(p, pos) => {
-                        let e = positions.entry(p).or_insert(pos);
-                        if pos.offset >= e.offset {
-                            *e = pos;
-                        }
-                    }
-                    SinkRecord::Row { view, key, value } => {
-                        let Some((def, window)) =
-                            views.get(view as usize).zip(windows.get(view as usize))
-                        else {
-                            continue;
-                        };
-                        let final_at = window
-                            .and_then(|i| window_start(&key, i))
-                            .map(|w| finality.final_at(w, def.window.length_ms))
-                            .unwrap_or(Time::MAX);
-                        if time >= final_at {
-                            continue;
-                        }
-                        accumulate(rows.entry((view, key)).or_default(), value, diff);
-                    }
-                }
-            }
             last_upper = upper;
-            last_keys = rows.len();
-
-            // Sized per view up front: grown as they fill, these maps' rehashing was 1% of
-            // a worker's time in `bench/dataflow.rs`.
-            let mut per_view = vec![0usize; views.len()];
-            for (view, _) in rows.keys() {
-                if let Some(n) = per_view.get_mut(*view as usize) {
-                    *n += 1;
-                }
-            }
-            let mut changes: Vec<ViewChanges> = per_view
-                .into_iter()
-                .map(ViewChanges::with_capacity)
-                .collect();
-            for ((view, key), updates) in rows {
-                if let Some(c) = classes.filter(|c| c.view == view) {
-                    c.count(&updates, &mut tally);
-                }
-                // Off unless asked for: every row the sink hands over, with its net updates.
-                tracing::debug!(
-                    target: "clickagg::sink::rows",
-                    upper,
-                    view = views[view as usize].name,
-                    ?key,
-                    ?updates,
-                    "row"
-                );
-                if let Some(change) = absolute_value(views[view as usize].name, &key, updates) {
-                    changes[view as usize].insert(key, change);
-                }
-            }
-            let changed = changes.iter().any(|c| !c.is_empty());
-            if changed || last_offer.elapsed() >= idle_commit_interval {
+            let updates = take_before(&mut pending, upper);
+            let rows = updates
+                .iter()
+                .flatten()
+                .any(|(record, _, _)| matches!(record, SinkRecord::Row { .. }));
+            if rows || last_offer.elapsed() >= idle_commit_interval {
                 last_offer = Instant::now();
-                handoff.offer(
-                    ChangeBatch {
-                        upper,
-                        views: changes,
-                        positions: positions.clone(),
-                    },
-                    std::mem::take(&mut tally),
-                );
+                handoff.offer(SinkBatch { upper, updates });
             }
         });
+}
+
+/// The containers of updates at times before `upper`, split off from `pending`.
+fn take_before(
+    pending: &mut Vec<Vec<(SinkRecord, Time, isize)>>,
+    upper: Time,
+) -> Vec<Vec<(SinkRecord, Time, isize)>> {
+    let mut ready = Vec::with_capacity(pending.len());
+    pending.retain_mut(|container| {
+        if container.iter().all(|(_, time, _)| *time < upper) {
+            ready.push(std::mem::take(container));
+            return false;
+        }
+        let (before, after): (Vec<_>, Vec<_>) =
+            container.drain(..).partition(|(_, time, _)| *time < upper);
+        if !before.is_empty() {
+            ready.push(before);
+        }
+        *container = after;
+        true
+    });
+    ready
+}
+
+/// Folds the sink's updates into the new absolute value of each changed key, in the
+/// writer thread, and keeps the furthest position of each partition.
+pub struct Consolidator {
+    as_of: Time,
+    upper: Time,
+    positions: BTreeMap<PartitionId, LogPosition>,
+    finality: Finality,
+    views: &'static [ViewDef],
+    // Found once: by column name for every row update, it was 9% of the sink.
+    windows: Vec<Option<usize>>,
+    classes: Option<ClassColumns>,
+    rows: HashMap<(u16, Row), Vec<(Row, isize)>>,
+    last_keys: usize,
+    tally: Tally,
+}
+
+impl Consolidator {
+    /// A consolidator that skips updates below the committed frontier `as_of`, whose
+    /// positions were committed with it.
+    pub fn new(
+        as_of: Time,
+        positions: BTreeMap<PartitionId, LogPosition>,
+        finality: Finality,
+        views: &'static [ViewDef],
+    ) -> Consolidator {
+        Consolidator {
+            as_of,
+            upper: as_of,
+            positions,
+            finality,
+            views,
+            windows: views.iter().map(ViewDef::window_index).collect(),
+            classes: ClassColumns::of(views),
+            rows: HashMap::new(),
+            last_keys: 0,
+            tally: Tally::default(),
+        }
+    }
+
+    /// Adds the updates of a batch.
+    pub fn add(&mut self, batch: SinkBatch) {
+        self.upper = self.upper.max(batch.upper);
+        if self.rows.is_empty() {
+            // Sized like the last commit's, so a large commit does not rehash as it fills.
+            self.rows.reserve(self.last_keys);
+        }
+        for (record, time, diff) in batch.updates.into_iter().flatten() {
+            if time < self.as_of {
+                continue;
+            }
+            match record {
+                SinkRecord::ClicksRead(n) => {
+                    self.tally.clicks_read += n * diff.max(0) as u64;
+                }
+                SinkRecord::Position(p, pos) => {
+                    let e = self.positions.entry(p).or_insert(pos);
+                    if pos.offset >= e.offset {
+                        *e = pos;
+                    }
+                }
+                SinkRecord::Row { view, key, value } => {
+                    let Some((def, window)) = self
+                        .views
+                        .get(view as usize)
+                        .zip(self.windows.get(view as usize))
+                    else {
+                        continue;
+                    };
+                    let final_at = window
+                        .and_then(|i| window_start(&key, i))
+                        .map(|w| self.finality.final_at(w, def.window.length_ms))
+                        .unwrap_or(Time::MAX);
+                    if time >= final_at {
+                        continue;
+                    }
+                    accumulate(self.rows.entry((view, key)).or_default(), value, diff);
+                }
+            }
+        }
+    }
+
+    /// The changes added since the last call, as absolute values up to the highest
+    /// `upper` added, with the positions and the tally of what they changed.
+    pub fn take(&mut self) -> (ChangeBatch, Tally) {
+        let rows = std::mem::take(&mut self.rows);
+        self.last_keys = rows.len();
+        // Sized per view up front: grown as they fill, these maps' rehashing was 1% of
+        // a worker's time in `bench/dataflow.rs`.
+        let mut per_view = vec![0usize; self.views.len()];
+        for (view, _) in rows.keys() {
+            if let Some(n) = per_view.get_mut(*view as usize) {
+                *n += 1;
+            }
+        }
+        let mut changes: Vec<ViewChanges> = per_view
+            .into_iter()
+            .map(ViewChanges::with_capacity)
+            .collect();
+        for ((view, key), updates) in rows {
+            if let Some(c) = self.classes.filter(|c| c.view == view) {
+                c.count(&updates, &mut self.tally);
+            }
+            let name = self.views[view as usize].name;
+            // Off unless asked for: every row the sink hands over, with its net updates.
+            tracing::debug!(
+                target: "clickagg::sink::rows",
+                upper = self.upper,
+                view = name,
+                ?key,
+                ?updates,
+                "row"
+            );
+            if let Some(change) = absolute_value(name, &key, updates) {
+                changes[view as usize].insert(key, change);
+            }
+        }
+        let batch = ChangeBatch {
+            upper: self.upper,
+            views: changes,
+            positions: self.positions.clone(),
+        };
+        (batch, std::mem::take(&mut self.tally))
+    }
 }
 
 /// Adds one update to a key's updates, consolidated as they come.
@@ -461,15 +559,23 @@ fn positions_text(positions: &BTreeMap<PartitionId, LogPosition>) -> String {
         .join(" ")
 }
 
-/// Starts the writer thread that commits what the sink operator hands off.
+/// Starts the writer thread that consolidates what the sink operator hands off and
+/// commits it.
 pub fn spawn_writer(
     store: Arc<dyn Store>,
     handoff: Arc<Handoff>,
+    mut consolidator: Consolidator,
     status: Arc<SinkStatus>,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("sink-writer".into()).spawn(move || {
-        while let Some((mut batch, mut tally)) = handoff.take() {
+        while let Some(first) = handoff.take() {
+            consolidator.add(first);
+            // What came while this thread consolidated joins the same transaction.
+            while let Some(more) = handoff.try_take() {
+                consolidator.add(more);
+            }
+            let (mut batch, mut tally) = consolidator.take();
             let mut backoff = Duration::from_millis(100);
             loop {
                 let started = Instant::now();
@@ -506,12 +612,16 @@ pub fn spawn_writer(
                         metrics.sink_commit_errors.inc();
                         tracing::warn!(error = %e, upper = batch.upper, retry_in = ?backoff, "sink commit failed; frontier held");
                         *status.last_error.lock() = Some(e.to_string());
-                        std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
-                        if let Some((later, later_tally)) = handoff.try_take() {
+                        // Consolidated as they come while the store is down, the updates
+                        // waiting stay bounded by the number of distinct keys.
+                        let retry_at = Instant::now() + backoff;
+                        while let Some(later) = handoff.take_until(retry_at) {
+                            consolidator.add(later);
+                            let (later, later_tally) = consolidator.take();
                             batch.absorb(later);
                             tally.absorb(later_tally);
                         }
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
                     }
                 }
             }
@@ -577,31 +687,132 @@ mod tests {
     }
 
     #[test]
-    fn handoff_folds_batches_the_writer_has_not_taken() {
+    fn handoff_appends_batches_the_writer_has_not_taken() {
         let h = Handoff::default();
-        let read = |n| Tally {
-            clicks_read: n,
-            ..Default::default()
-        };
-        h.offer(
-            ChangeBatch {
-                upper: 1,
-                ..Default::default()
-            },
-            read(3),
-        );
-        h.offer(
-            ChangeBatch {
-                upper: 2,
-                ..Default::default()
-            },
-            read(4),
-        );
-        assert_eq!(
-            h.try_take().map(|(b, t)| (b.upper, t.clicks_read)),
-            Some((2, 7))
+        let read = |n| vec![(SinkRecord::ClicksRead(n), 0, 1)];
+        h.offer(SinkBatch {
+            upper: 1,
+            updates: vec![read(3)],
+        });
+        h.offer(SinkBatch {
+            upper: 2,
+            updates: vec![read(4)],
+        });
+        let waiting = h.try_take().map(|b| (b.upper, b.updates));
+        assert_eq!(waiting, Some((2, vec![read(3), read(4)])));
+        assert!(
+            h.take_until(Instant::now() + Duration::from_millis(10))
+                .is_none()
         );
         h.close();
         assert!(h.take().is_none());
+    }
+
+    #[test]
+    fn take_before_splits_off_exactly_the_updates_before_upper() {
+        let u = |t: Time| (SinkRecord::ClicksRead(t), t, 1);
+        let mut pending = vec![vec![u(1), u(2)], vec![u(3), u(5), u(4)], vec![u(6)]];
+        let ready = take_before(&mut pending, 4);
+        assert_eq!(ready, vec![vec![u(1), u(2)], vec![u(3)]]);
+        assert_eq!(pending, vec![vec![u(5), u(4)], vec![u(6)]]);
+    }
+
+    /// A key's value over time for the consolidator test: `Some(users)` or absent.
+    type Timeline = Vec<(Time, usize, Option<i64>)>;
+
+    /// The value of every key after the steps at times before `until` and before the
+    /// key's window is final: what the store must hold once that much is committed.
+    fn stored_after(
+        steps: &Timeline,
+        keys: &[Row],
+        finality: Finality,
+        until: Time,
+    ) -> BTreeMap<Row, Row> {
+        let mut store = BTreeMap::new();
+        for &(time, k, value) in steps {
+            let window = window_start(&keys[k], 1).unwrap_or(0);
+            if time >= until || time >= finality.final_at(window, 3_600_000) {
+                continue;
+            }
+            match value {
+                Some(n) => store.insert(keys[k].clone(), vec![Datum::Int(n)]),
+                None => store.remove(&keys[k]),
+            };
+        }
+        store
+    }
+
+    proptest::proptest! {
+        /// Batches cut at random uppers, in random containers, consolidated and committed
+        /// (or folded) at random points, leave a store that holds every key's value as of
+        /// the last upper, from the store as of `as_of`: the plain replay of each key's
+        /// timeline is the oracle.
+        #[test]
+        fn consolidated_commits_leave_each_key_at_its_value_as_of_the_upper(
+            steps in proptest::collection::vec((1u64..400_000, 0usize..4, proptest::option::weighted(0.8, 0i64..4)), 1..40),
+            cuts in proptest::collection::vec((0u64..12_000_000, 1usize..4, proptest::bool::ANY), 1..8),
+            as_of_cut in 0usize..8,
+        ) {
+            // `ad_hourly_users`: key (ad, hour), value (users); its window is an hour.
+            let views = crate::views::registry();
+            let view = views.iter().position(|v| v.name == "ad_hourly_users").unwrap_or(0) as u16;
+            let finality = Finality { ttl_ms: 0, correction_ms: 0 };
+            let keys: Vec<Row> = (0..4u64)
+                .map(|k| vec![Datum::Id(k % 2), Datum::Time((k / 2) * 3_600_000)])
+                .collect();
+            let mut time = 0;
+            let mut current: Vec<Option<i64>> = vec![None; keys.len()];
+            let mut timeline: Timeline = Vec::new();
+            let mut updates = Vec::new();
+            for (step, k, value) in steps {
+                time += step;
+                timeline.push((time, k, value));
+                let row = |n: i64| SinkRecord::Row { view, key: keys[k].clone(), value: vec![Datum::Int(n)] };
+                if let Some(old) = current[k] {
+                    updates.push((row(old), time, -1));
+                }
+                if let Some(new) = value {
+                    updates.push((row(new), time, 1));
+                }
+                current[k] = value;
+            }
+            let mut uppers: Vec<Time> = cuts.iter().map(|c| c.0).collect();
+            uppers.sort_unstable();
+            uppers.dedup();
+            let as_of = if as_of_cut < uppers.len() { uppers[as_of_cut] } else { 0 };
+            let mut store = stored_after(&timeline, &keys, finality, as_of);
+            let mut consolidator = Consolidator::new(as_of, BTreeMap::new(), finality, views);
+            let mut folded: Option<ChangeBatch> = None;
+            let mut rest = updates.as_slice();
+            for (i, &upper) in uppers.iter().enumerate() {
+                let n = rest.iter().take_while(|(_, t, _)| *t < upper).count();
+                let (now, later) = rest.split_at(n);
+                rest = later;
+                let per_container = cuts[i % cuts.len()].1;
+                consolidator.add(SinkBatch {
+                    upper,
+                    updates: now.chunks(per_container).map(<[_]>::to_vec).collect(),
+                });
+                if upper <= as_of {
+                    continue;
+                }
+                let (batch, _) = consolidator.take();
+                proptest::prop_assert_eq!(batch.upper, upper);
+                match folded.as_mut() {
+                    Some(f) => f.absorb(batch),
+                    None => folded = Some(batch),
+                }
+                if cuts[i % cuts.len()].2 || i + 1 == uppers.len() {
+                    for (key, change) in folded.take().map(|b| b.views).unwrap_or_default().swap_remove(view as usize) {
+                        match change {
+                            Some(value) => store.insert(key, value),
+                            None => store.remove(&key),
+                        };
+                    }
+                }
+            }
+            let last = uppers.last().copied().unwrap_or(0).max(as_of);
+            proptest::prop_assert_eq!(store, stored_after(&timeline, &keys, finality, last));
+        }
     }
 }
