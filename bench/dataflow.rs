@@ -158,6 +158,7 @@ fn imported(workload: &Workload) -> Imported {
             SqliteOptions {
                 read_pool_size: 1,
                 progress_retention_ms: config.horizon_ms(),
+                cache_mib: config.store.sqlite_cache_mib,
             },
         )
         .expect("open the import's store");
@@ -209,6 +210,7 @@ impl RunStore {
                     SqliteOptions {
                         read_pool_size: 2,
                         progress_retention_ms: config.horizon_ms(),
+                        cache_mib: config.store.sqlite_cache_mib,
                     },
                 )
                 .expect("open SQLite store");

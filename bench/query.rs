@@ -454,6 +454,7 @@ fn start_sqlite(ads: u64, day: u64) -> Deployment {
         SqliteOptions {
             read_pool_size: 1,
             progress_retention_ms: DAY,
+            cache_mib: 64,
         },
     )
     .expect("open store");

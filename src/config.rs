@@ -247,6 +247,8 @@ pub struct StoreConfig {
     pub postgres_url: String,
     /// Connections the query API keeps open.
     pub read_pool_size: u32,
+    /// The SQLite store's writer page cache, in MiB.
+    pub sqlite_cache_mib: u32,
     /// How long a starting production process retries an unreachable Postgres before it
     /// exits with the last error (a restart may race the database coming back).
     #[serde(deserialize_with = "duration")]
@@ -633,6 +635,12 @@ impl Config {
         if self.store.read_pool_size == 0 {
             return invalid("store.read_pool_size", "must be at least 1".into());
         }
+        if !(1..=65_536).contains(&self.store.sqlite_cache_mib) {
+            return invalid(
+                "store.sqlite_cache_mib",
+                "must be between 1 and 65536 (MiB)".into(),
+            );
+        }
         if self.store.startup_timeout > Duration::from_secs(3600) {
             return invalid("store.startup_timeout", "must be at most 1h".into());
         }
@@ -842,6 +850,15 @@ mod tests {
             &[],
         )
         .expect("free-form librdkafka properties");
+    }
+
+    #[test]
+    fn the_sqlite_cache_is_64_mib_unless_set_and_must_be_positive() {
+        assert_eq!(load("", &[]).expect("defaults").store.sqlite_cache_mib, 64);
+        let c = load("[store]\nsqlite_cache_mib = 256\n", &[]).expect("set");
+        assert_eq!(c.store.sqlite_cache_mib, 256);
+        let err = load("[store]\nsqlite_cache_mib = 0\n", &[]).expect_err("zero");
+        assert!(err.to_string().contains("store.sqlite_cache_mib"), "{err}");
     }
 
     #[test]

@@ -308,6 +308,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             let options = SqliteOptions {
                 read_pool_size: 1,
                 progress_retention_ms: config.horizon_ms(),
+                cache_mib: config.store.sqlite_cache_mib,
             };
             Arc::new(
                 tokio::task::spawn_blocking(move || SqliteStore::open(&path, views, options))

@@ -63,6 +63,7 @@ pub async fn run(
             SqliteOptions {
                 read_pool_size: config.store.read_pool_size,
                 progress_retention_ms: config.horizon_ms(),
+                cache_mib: config.store.sqlite_cache_mib,
             },
         )
         .context("opening the SQLite store")?,

@@ -76,6 +76,7 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             let options = SqliteOptions {
                 read_pool_size: 2,
                 progress_retention_ms: config.horizon_ms(),
+                cache_mib: config.store.sqlite_cache_mib,
             };
             Arc::new(
                 tokio::task::spawn_blocking(move || SqliteStore::open(&path, views, options))
