@@ -121,12 +121,20 @@ impl<D> Pending<D> {
         }
         let mut n = 0;
         let expected = self.expected;
-        for (time, update) in updates {
-            self.by_time
+        // A message's updates mostly share one time: one map lookup per run of equal
+        // times, not one per update.
+        let mut updates = updates.peekable();
+        while let Some((time, update)) = updates.next() {
+            let held = self
+                .by_time
                 .entry(time)
-                .or_insert_with(|| Vec::with_capacity(expected))
-                .push(update);
+                .or_insert_with(|| Vec::with_capacity(expected));
+            held.push(update);
             n += 1;
+            while let Some((_, update)) = updates.next_if(|(t, _)| *t == time) {
+                held.push(update);
+                n += 1;
+            }
         }
         self.held.inc_by(n);
     }
