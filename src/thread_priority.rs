@@ -1,6 +1,7 @@
 //! Lower scheduling priority for the threads off the click path.
 //!
-//! In `serve` the timely workers and the archiver share two cores with the HTTP threads
+//! In `serve` the timely workers (with their log readers and the sink writer) and the
+//! archiver share two cores with the HTTP threads
 //! and the log writer. A click is acknowledged only after the writer's commit, so every
 //! time the writer or a handler waits for a core behind the dataflow's burst at a tick,
 //! requests queue; at 20k GETs/s those waits were the p99 (bench/SERVING.md, session 22).

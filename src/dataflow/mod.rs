@@ -282,6 +282,7 @@ impl Engine {
                 consolidator,
                 Arc::clone(&status),
                 Arc::clone(&metrics),
+                spec.background_nice,
             )
             .map_err(|e| EngineError(format!("sink writer thread: {e}")))?;
             (status, Some(writer), Some(recovery))

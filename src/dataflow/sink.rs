@@ -560,15 +560,20 @@ fn positions_text(positions: &BTreeMap<PartitionId, LogPosition>) -> String {
 }
 
 /// Starts the writer thread that consolidates what the sink operator hands off and
-/// commits it.
+/// commits it, at the workers' nice value `nice`.
 pub fn spawn_writer(
     store: Arc<dyn Store>,
     handoff: Arc<Handoff>,
     mut consolidator: Consolidator,
     status: Arc<SinkStatus>,
     metrics: Arc<Metrics>,
+    nice: i32,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("sink-writer".into()).spawn(move || {
+        // The workers' priority, not above it: the writer is background work like them,
+        // and at a higher priority it took a core from them whenever it ran (1 s of a
+        // worker's 10 s spent waiting to run in `bench/dataflow.rs`, session 29).
+        crate::thread_priority::lower_this_thread(nice, "sink writer");
         while let Some(first) = handoff.take() {
             consolidator.add(first);
             // What came while this thread consolidated joins the same transaction.
