@@ -268,6 +268,9 @@ struct Run {
     /// CPU seconds per thread kind during the run (less sensitive to a noisy neighbour
     /// than the wall time, which is what the comparison of two builds needs).
     cpu: BTreeMap<String, f64>,
+    /// Store transactions the sink made, and the view rows they wrote.
+    commits: u64,
+    rows: u64,
 }
 
 /// CPU seconds of this process's threads so far, by name with a trailing worker or
@@ -367,6 +370,7 @@ fn run(kind: &str, workers: usize, imported: &Imported, truth: &BTreeMap<(u64, u
     let wall = started.elapsed();
     let (_, peak_rss_mib) = rss_mib();
     let arranged = metrics.arrangement_records.get();
+    let (commits, rows) = (metrics.sink_commits.get(), metrics.sink_rows.get());
     // Before the shutdown: the engine's threads' figures go when they end.
     let cpu = cpu_spent(&cpu_before, thread_cpu());
     engine.shutdown();
@@ -389,6 +393,8 @@ fn run(kind: &str, workers: usize, imported: &Imported, truth: &BTreeMap<(u64, u
         peak_rss_mib,
         arranged,
         cpu,
+        commits,
+        rows,
     }
 }
 
@@ -470,6 +476,12 @@ fn main() {
                 r.peak_rss_mib
             );
             println!("  CPU by thread: {}", cpu_text(&r.cpu));
+            println!(
+                "  sink: {} commits, {} view rows written ({:.0} per commit)",
+                r.commits,
+                r.rows,
+                r.rows as f64 / r.commits.max(1) as f64
+            );
             let tag = if store == "sqlite" { "" } else { "pg_" };
             println!(
                 "BENCH name=dataflow_{tag}w{w} clicks_per_s={:.0} wall_s={:.1} peak_rss_mib={:.0}",
