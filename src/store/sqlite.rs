@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use r2d2_sqlite::SqliteConnectionManager;
-use rusqlite::types::{Value, ValueRef};
+use rusqlite::types::{ToSqlOutput, Value, ValueRef};
 use rusqlite::{
-    Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
+    Connection, OpenFlags, OptionalExtension, ToSql, Transaction, TransactionBehavior, params,
 };
 
 use super::common::{
@@ -47,6 +47,10 @@ pub struct SqliteOptions {
 struct ViewSql {
     select_value: String,
     upsert: String,
+    /// For views with rollups, which read each key's old value first and so know whether
+    /// the row exists: a plain insert or update skips the upsert's failed insert.
+    insert: String,
+    update: Option<String>,
     delete: String,
     rollup_upsert: Option<String>,
     rollup_delete_empty: Option<String>,
@@ -80,11 +84,35 @@ fn sql_type(ty: ColumnType) -> &'static str {
     }
 }
 
-fn to_value(d: &Datum) -> Value {
-    match d {
-        Datum::Text(s) => Value::Text(s.clone()),
-        other => Value::Integer(other.as_i64().unwrap_or_default()),
+/// A statement parameter borrowed from a row or a rollup key: binding it copies nothing
+/// to the heap, where a [`Value`] would copy every text (two per rollup row).
+#[derive(Clone, Copy)]
+enum Param<'a> {
+    Int(i64),
+    Text(&'a str),
+}
+
+impl<'a> Param<'a> {
+    fn of(d: &'a Datum) -> Param<'a> {
+        match d {
+            Datum::Text(s) => Param::Text(s),
+            other => Param::Int(other.as_i64().unwrap_or_default()),
+        }
     }
+}
+
+impl ToSql for Param<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self {
+            Param::Int(n) => ToSqlOutput::Borrowed(ValueRef::Integer(*n)),
+            Param::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+        })
+    }
+}
+
+/// A row's columns as parameters `?1, ?2, ...`.
+fn row_params(row: &Row) -> impl Iterator<Item = Param<'_>> {
+    row.iter().map(Param::of)
 }
 
 fn from_value(ty: ColumnType, v: ValueRef<'_>) -> Result<Datum, rusqlite::Error> {
@@ -123,7 +151,19 @@ fn view_sql(view: &ViewDef) -> ViewSql {
             view.rollup_table()
         )
     });
+    let value_match = value_cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{c} = ?{}", key_cols.len() + i + 1))
+        .collect::<Vec<_>>()
+        .join(", ");
     ViewSql {
+        insert: format!(
+            "INSERT INTO {table} ({}) VALUES ({placeholders})",
+            all.join(", ")
+        ),
+        update: (!value_cols.is_empty())
+            .then(|| format!("UPDATE {table} SET {value_match} WHERE {key_match}")),
         select_value: format!(
             "SELECT {} FROM {table} WHERE {key_match}",
             if value_cols.is_empty() {
@@ -262,40 +302,54 @@ impl SqliteStore {
     ) -> rusqlite::Result<()> {
         let mut deltas = RollupDeltas::new();
         let rollup_columns = RollupColumns::of(view);
-        let mut select = tx.prepare_cached(&sql.select_value)?;
-        let mut upsert = tx.prepare_cached(&sql.upsert)?;
         let mut delete = tx.prepare_cached(&sql.delete)?;
-        // In key order, the table's order: each upsert then finds its page where the last
+        // In key order, the table's order: each write then finds its page where the last
         // one left the B-tree, not somewhere at random.
         let mut changes: Vec<(&Row, &Option<Row>)> = changes.iter().collect();
         changes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let Some(columns) = rollup_columns else {
+            let mut upsert = tx.prepare_cached(&sql.upsert)?;
+            for (key, new) in changes {
+                match new {
+                    Some(value) => {
+                        let all = row_params(key).chain(row_params(value));
+                        upsert.execute(rusqlite::params_from_iter(all))?
+                    }
+                    None => delete.execute(rusqlite::params_from_iter(row_params(key)))?,
+                };
+            }
+            return Ok(());
+        };
+        let mut select = tx.prepare_cached(&sql.select_value)?;
+        let mut insert = tx.prepare_cached(&sql.insert)?;
+        let mut update = sql
+            .update
+            .as_ref()
+            .map(|u| tx.prepare_cached(u))
+            .transpose()?;
         for (key, new) in changes {
-            let key_values: Vec<Value> = key.iter().map(to_value).collect();
-            if let Some(columns) = &rollup_columns {
-                let old: Option<Row> = select
-                    .query_row(rusqlite::params_from_iter(&key_values), |r| {
-                        view.value
-                            .iter()
-                            .enumerate()
-                            .map(|(i, c)| from_value(c.ty, r.get_ref(i)?))
-                            .collect()
-                    })
-                    .optional()?;
-                columns.add(key, old.as_ref(), -1, &mut deltas);
-                columns.add(key, new.as_ref(), 1, &mut deltas);
-            }
-            match new {
-                Some(value) => {
-                    let all: Vec<Value> = key_values
-                        .into_iter()
-                        .chain(value.iter().map(to_value))
-                        .collect();
-                    upsert.execute(rusqlite::params_from_iter(all))?;
-                }
-                None => {
-                    delete.execute(rusqlite::params_from_iter(key_values))?;
-                }
-            }
+            let old: Option<Row> = select
+                .query_row(rusqlite::params_from_iter(row_params(key)), |r| {
+                    view.value
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| from_value(c.ty, r.get_ref(i)?))
+                        .collect()
+                })
+                .optional()?;
+            columns.add(key, old.as_ref(), -1, &mut deltas);
+            columns.add(key, new.as_ref(), 1, &mut deltas);
+            let all = |value| row_params(key).chain(row_params(value));
+            match (old, new) {
+                (None, Some(value)) => insert.execute(rusqlite::params_from_iter(all(value)))?,
+                (Some(_), Some(value)) => match &mut update {
+                    Some(update) => update.execute(rusqlite::params_from_iter(all(value)))?,
+                    // Only key columns: the row is already what it should be.
+                    None => 0,
+                },
+                (Some(_), None) => delete.execute(rusqlite::params_from_iter(row_params(key)))?,
+                (None, None) => 0,
+            };
         }
         if let (Some(r), Some(upsert), Some(delete_empty)) =
             (&view.rollup, &sql.rollup_upsert, &sql.rollup_delete_empty)
@@ -308,18 +362,18 @@ impl SqliteStore {
                 if d.iter().all(|x| *x == 0) {
                     continue;
                 }
-                let key = (r.scopes[scope].0, id as i64, g.as_str(), window as i64);
-                let emptied = may_empty(&d);
-                let mut values = vec![
-                    Value::Text(key.0.to_owned()),
-                    Value::Integer(key.1),
-                    Value::Text(key.2.to_owned()),
-                    Value::Integer(key.3),
+                let key = [
+                    Param::Text(r.scopes[scope].0),
+                    Param::Int(id as i64),
+                    Param::Text(g.as_str()),
+                    Param::Int(window as i64),
                 ];
-                values.extend(d.into_iter().map(Value::Integer));
-                rollup.execute(rusqlite::params_from_iter(values))?;
-                if emptied {
-                    delete_empty.execute(rusqlite::params![key.0, key.1, key.2, key.3])?;
+                let measures = d.iter().map(|x| Param::Int(*x));
+                rollup.execute(rusqlite::params_from_iter(
+                    key.iter().copied().chain(measures),
+                ))?;
+                if may_empty(&d) {
+                    delete_empty.execute(rusqlite::params_from_iter(key))?;
                 }
             }
         }
