@@ -696,10 +696,14 @@ fn apply_view(
         return Ok(());
     }
     let write = db("write view");
+    // In key order, the primary key's order: each array's rows then meet the index pages
+    // in sequence, as the SQLite store writes them.
+    let mut changes: Vec<(&Row, &Option<Row>)> = changes.iter().collect();
+    changes.sort_unstable_by(|a, b| a.0.cmp(b.0));
     let mut deltas = RollupDeltas::new();
     if let Some(columns) = RollupColumns::of(view) {
         let mut keys = Array::for_columns(view.key);
-        for key in changes.keys() {
+        for (key, _) in &changes {
             push_row(&mut keys, view, view.key, key)?;
         }
         let select = prepared(tx, statements, &sql.select_old)?;
@@ -716,8 +720,8 @@ fn apply_view(
                 .map_err(&write)?;
             old.insert(key, value);
         }
-        for (key, new) in changes {
-            columns.add(key, old.get(key), -1, &mut deltas);
+        for (key, new) in &changes {
+            columns.add(key, old.get(*key), -1, &mut deltas);
             columns.add(key, new.as_ref(), 1, &mut deltas);
         }
     }
@@ -758,6 +762,8 @@ fn apply_view(
         let mut grans: Vec<&str> = Vec::with_capacity(deltas.len());
         let mut windows = Vec::with_capacity(deltas.len());
         let mut measures: Vec<Vec<i64>> = vec![Vec::with_capacity(deltas.len()); r.measures.len()];
+        let mut deltas: Vec<_> = deltas.into_iter().collect();
+        deltas.sort_unstable_by_key(|(key, _)| *key);
         for ((scope, id, g, window), d) in deltas {
             if d.iter().all(|x| *x == 0) {
                 continue;
