@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{Ad, MetricScope, StoreError, Upserted};
+use super::{Ad, MetricScope, StoreError, Upserted, ViewChanges};
 use crate::log::LogPosition;
 use crate::record::PartitionId;
 use crate::time::{Granularity, Millis};
@@ -11,7 +11,28 @@ use crate::views::{ColumnType, Datum, RollupSpec, Row, ViewDef, window_start};
 
 /// Summed measure deltas per `(scope index, scope id, granularity, window start)`. Keyed
 /// by the store's own numbers, so not SipHash: it was a tenth of the writer's rollup work.
-pub(crate) type RollupDeltas = hashbrown::HashMap<(usize, u64, Granularity, Millis), Vec<i64>>;
+pub(crate) type RollupDeltas = hashbrown::HashMap<RollupKey, Vec<i64>>;
+
+/// `(scope index, scope id, granularity, window start)` of a rollup row.
+pub(crate) type RollupKey = (usize, u64, Granularity, Millis);
+
+/// A view's changes in key order, the order of its table's primary key: written in this
+/// order, each row meets the index pages where the last one left them (SQLite's B-tree
+/// and Postgres' index alike), not somewhere at random.
+pub(crate) fn in_key_order(changes: &ViewChanges) -> Vec<(&Row, &Option<Row>)> {
+    let mut changes: Vec<(&Row, &Option<Row>)> = changes.iter().collect();
+    changes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    changes
+}
+
+/// Rollup deltas sorted by key, for the same reason as [`in_key_order`]. Scopes and
+/// granularities sort by their place in the view's declaration rather than by the names
+/// the table stores, so this is the table's order within one scope's granularity.
+pub(crate) fn deltas_in_key_order(deltas: RollupDeltas) -> Vec<(RollupKey, Vec<i64>)> {
+    let mut deltas: Vec<_> = deltas.into_iter().collect();
+    deltas.sort_unstable_by_key(|(key, _)| *key);
+    deltas
+}
 
 /// The measures the query API reads from `ad_clicks` and its rollups, in [`super::Measures`] order.
 const MEASURES: &str = "clicks, fraud_clicks, late_clicks, spend_micros";

@@ -34,10 +34,11 @@ use postgres::{Client, Config, NoTls, Statement, Transaction};
 
 use super::common::{
     AD_COLUMNS, LAST_PROGRESS, RollupColumns, RollupDeltas, check_ad_rules, check_tick,
-    column_defs, columns_differ, decode_positions, encode_positions, fraud_adjustment_totals_sql,
-    fraud_adjustments_sql, insert_campaign_sql, insert_progress_sql, late_clicks_sql, may_empty,
-    minute_series_sql, minute_totals_sql, progress_at_sql, prune_progress_sql, rollup_series_sql,
-    rollup_totals_sql, upsert_action, upsert_ad_sql,
+    column_defs, columns_differ, decode_positions, deltas_in_key_order, encode_positions,
+    fraud_adjustment_totals_sql, fraud_adjustments_sql, in_key_order, insert_campaign_sql,
+    insert_progress_sql, late_clicks_sql, may_empty, minute_series_sql, minute_totals_sql,
+    progress_at_sql, prune_progress_sql, rollup_series_sql, rollup_totals_sql, upsert_action,
+    upsert_ad_sql,
 };
 use super::corrections;
 use super::{
@@ -696,10 +697,7 @@ fn apply_view(
         return Ok(());
     }
     let write = db("write view");
-    // In key order, the primary key's order: each array's rows then meet the index pages
-    // in sequence, as the SQLite store writes them.
-    let mut changes: Vec<(&Row, &Option<Row>)> = changes.iter().collect();
-    changes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let changes = in_key_order(changes);
     let mut deltas = RollupDeltas::new();
     if let Some(columns) = RollupColumns::of(view) {
         let mut keys = Array::for_columns(view.key);
@@ -762,9 +760,7 @@ fn apply_view(
         let mut grans: Vec<&str> = Vec::with_capacity(deltas.len());
         let mut windows = Vec::with_capacity(deltas.len());
         let mut measures: Vec<Vec<i64>> = vec![Vec::with_capacity(deltas.len()); r.measures.len()];
-        let mut deltas: Vec<_> = deltas.into_iter().collect();
-        deltas.sort_unstable_by_key(|(key, _)| *key);
-        for ((scope, id, g, window), d) in deltas {
+        for ((scope, id, g, window), d) in deltas_in_key_order(deltas) {
             if d.iter().all(|x| *x == 0) {
                 continue;
             }

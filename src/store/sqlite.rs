@@ -14,10 +14,11 @@ use rusqlite::{
 
 use super::common::{
     AD_COLUMNS, LAST_PROGRESS, RollupColumns, RollupDeltas, check_ad_rules, check_tick,
-    column_defs, columns_differ, decode_positions, delete_empty_rollup_sql, encode_positions,
-    fraud_adjustment_totals_sql, fraud_adjustments_sql, insert_campaign_sql, insert_progress_sql,
-    late_clicks_sql, may_empty, minute_series_sql, minute_totals_sql, progress_at_sql,
-    prune_progress_sql, rollup_series_sql, rollup_totals_sql, upsert_action, upsert_ad_sql,
+    column_defs, columns_differ, decode_positions, delete_empty_rollup_sql, deltas_in_key_order,
+    encode_positions, fraud_adjustment_totals_sql, fraud_adjustments_sql, in_key_order,
+    insert_campaign_sql, insert_progress_sql, late_clicks_sql, may_empty, minute_series_sql,
+    minute_totals_sql, progress_at_sql, prune_progress_sql, rollup_series_sql, rollup_totals_sql,
+    upsert_action, upsert_ad_sql,
 };
 use super::corrections;
 use super::{
@@ -303,10 +304,7 @@ impl SqliteStore {
         let mut deltas = RollupDeltas::new();
         let rollup_columns = RollupColumns::of(view);
         let mut delete = tx.prepare_cached(&sql.delete)?;
-        // In key order, the table's order: each write then finds its page where the last
-        // one left the B-tree, not somewhere at random.
-        let mut changes: Vec<(&Row, &Option<Row>)> = changes.iter().collect();
-        changes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let changes = in_key_order(changes);
         let Some(columns) = rollup_columns else {
             let mut upsert = tx.prepare_cached(&sql.upsert)?;
             for (key, new) in changes {
@@ -356,9 +354,7 @@ impl SqliteStore {
         {
             let mut rollup = tx.prepare_cached(upsert)?;
             let mut delete_empty = tx.prepare_cached(delete_empty)?;
-            let mut deltas: Vec<_> = deltas.into_iter().collect();
-            deltas.sort_unstable_by_key(|(key, _)| *key);
-            for ((scope, id, g, window), d) in deltas {
+            for ((scope, id, g, window), d) in deltas_in_key_order(deltas) {
                 if d.iter().all(|x| *x == 0) {
                     continue;
                 }
