@@ -42,13 +42,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use serde::Deserialize;
 
 use crate::config::{Config, LogKind, StoreKind};
 use crate::log::embedded::{EmbeddedLog, EmbeddedLogOptions};
 use crate::log::{ADS_PARTITION, AppendFuture, AppendRecord, ClickPartitioner, Log, LogError};
 use crate::record::{AdRecord, ClickEvent, Payload};
-use crate::store::sqlite::{SqliteOptions, SqliteStore};
+use crate::store::sqlite::SqliteStore;
 use crate::store::{Ad, Store, StoreError};
 use crate::time::Millis;
 
@@ -299,20 +300,21 @@ pub async fn open_log(config: &Config) -> anyhow::Result<Arc<dyn Log>> {
     })
 }
 
-/// Opens the configured store.
-pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+/// Opens the configured store; a SQLite store keeps `sqlite_read_pool_size` connections
+/// for queries.
+pub async fn open_store(
+    config: &Config,
+    sqlite_read_pool_size: u32,
+) -> anyhow::Result<Arc<dyn Store>> {
     Ok(match config.store.kind {
         StoreKind::Sqlite => {
             let path = crate::serve::store_path(config);
             let views = config.views();
-            let options = SqliteOptions {
-                read_pool_size: 1,
-                progress_retention_ms: config.horizon_ms(),
-                cache_mib: config.store.sqlite_cache_mib,
-            };
+            let options = crate::serve::store_options(config, sqlite_read_pool_size);
             Arc::new(
                 tokio::task::spawn_blocking(move || SqliteStore::open(&path, views, options))
-                    .await??,
+                    .await?
+                    .context("opening the SQLite store")?,
             )
         }
         StoreKind::Postgres => Arc::new(crate::backends::open_store(config).await?),
@@ -321,7 +323,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
 
 /// `clickagg import`: opens the configured log and store and imports the file.
 pub async fn run(config: &Config, options: ImportOptions) -> anyhow::Result<ImportSummary> {
-    let store = open_store(config).await?;
+    let store = open_store(config, 1).await?;
     let log = open_log(config).await?;
     let partitioner = config.click_partitioner();
     let handle = tokio::runtime::Handle::current();

@@ -20,6 +20,16 @@ pub fn store_path(config: &Config) -> PathBuf {
     config.data_dir.join("store.db")
 }
 
+/// The SQLite store's options from the config, with `read_pool_size` connections for
+/// queries (`serve` takes the configured number; the one-shot commands fewer).
+pub fn store_options(config: &Config, read_pool_size: u32) -> SqliteOptions {
+    SqliteOptions {
+        read_pool_size,
+        progress_retention_ms: config.horizon_ms(),
+        cache_mib: config.store.sqlite_cache_mib,
+    }
+}
+
 /// Where the demo traffic saves the API keys of the advertisers it creates.
 pub fn demo_keys_path(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("demo-advertisers.toml")
@@ -60,11 +70,7 @@ pub async fn run(
         SqliteStore::open(
             &store_path(&config),
             config.views(),
-            SqliteOptions {
-                read_pool_size: config.store.read_pool_size,
-                progress_retention_ms: config.horizon_ms(),
-                cache_mib: config.store.sqlite_cache_mib,
-            },
+            store_options(&config, config.store.read_pool_size),
         )
         .context("opening the SQLite store")?,
     );

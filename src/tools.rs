@@ -9,12 +9,11 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::archive::{Archive, ArchiveRun, run_archiver};
-use crate::config::{Config, LogKind, StoreKind};
+use crate::config::{Config, LogKind};
 use crate::log::Log;
 use crate::log::embedded::EmbeddedLog;
 use crate::reconcile::{ReconcileOptions, Summary};
 use crate::store::Store;
-use crate::store::sqlite::{SqliteOptions, SqliteStore};
 use crate::time::Millis;
 
 /// Opens the configured archive location.
@@ -68,24 +67,9 @@ async fn open_log(config: &Config) -> anyhow::Result<Arc<dyn Log>> {
     })
 }
 
+/// The configured store, with two query connections when it is SQLite.
 async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    Ok(match config.store.kind {
-        StoreKind::Sqlite => {
-            let path = crate::serve::store_path(config);
-            let views = config.views();
-            let options = SqliteOptions {
-                read_pool_size: 2,
-                progress_retention_ms: config.horizon_ms(),
-                cache_mib: config.store.sqlite_cache_mib,
-            };
-            Arc::new(
-                tokio::task::spawn_blocking(move || SqliteStore::open(&path, views, options))
-                    .await?
-                    .context("opening the SQLite store")?,
-            )
-        }
-        StoreKind::Postgres => Arc::new(crate::backends::open_store(config).await?),
-    })
+    crate::import::open_store(config, 2).await
 }
 
 /// `clickagg archive`: archives the log until SIGINT/SIGTERM, or with `once` until it has
