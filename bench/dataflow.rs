@@ -132,11 +132,18 @@ fn log_extent(dir: &Path) -> (u64, u64, u64) {
     (clicks, if clicks == 0 { 0 } else { first }, last)
 }
 
-/// The workload imported into an embedded log, once per file content (by md5).
+/// Bumped when the import writes a different log from the same file, so that a log an
+/// older import left in the cache is not read again: 2 since new ads no longer raise the
+/// record times of the clicks before them (session 31).
+const IMPORT_VERSION: u32 = 2;
+
+/// The workload imported into an embedded log, once per file content (by md5) and
+/// import version.
 fn imported(workload: &Workload) -> Imported {
-    let dir = workload::cache_root()
-        .join("bench")
-        .join(format!("log-{}-p{CLICK_PARTITIONS}", workload.md5()));
+    let dir = workload::cache_root().join("bench").join(format!(
+        "log-{}-p{CLICK_PARTITIONS}-i{IMPORT_VERSION}",
+        workload.md5()
+    ));
     let marker = dir.join("imported");
     if !marker.exists() {
         let _ = std::fs::remove_dir_all(&dir);

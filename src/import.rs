@@ -409,8 +409,9 @@ impl Catalog<'_> {
             campaign_id,
             advertiser_id,
         };
-        // Log first, as `PUT /v1/ads` does; at the backfill's record time, since a clock
-        // time would raise the log's running max and with it every click after it.
+        // Log first, as `PUT /v1/ads` does; at the backfill's record time (no later than
+        // the clicks not yet appended, see `import`), since a clock time would raise the
+        // log's running max and with it every click after it.
         handle
             .block_on(log.append(vec![AppendRecord {
                 partition: ADS_PARTITION,
@@ -559,8 +560,14 @@ pub fn import(
         if options.dry_run {
             continue;
         }
+        // A new ad's record goes to the log before the clicks still in `batch`: at the
+        // first of their times, so that it does not raise the log's running max, and
+        // with it their record times, to this row's (every click of a 20,000-row batch
+        // got the time of its batch's last new ad, and the dataflow then saw 20,000
+        // clicks at one time where live traffic has them over 150 ticks).
+        let ad_time = batch.first().and_then(|r| r.record_time_ms).unwrap_or(time);
         parsed.click.cpc_micros = catalog
-            .price(log, handle, &parsed, time, &mut summary)
+            .price(log, handle, &parsed, ad_time, &mut summary)
             .map_err(|source| ImportError::Catalog {
                 path: path.clone(),
                 line,

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use clickagg::record::{ClickEvent, Payload};
 use common::{ADMIN, Proc, Target, TestTimes, key_env, log_records, parse_rfc3339};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -305,6 +306,32 @@ fn imported_history_is_counted_like_live_traffic() {
         stored.iter().map(|(t, _)| *t).max(),
         Some(last_event),
         "record times are the file's event times, not the clock"
+    );
+    // Each click's record time is the latest event time of the rows up to its own, in
+    // file order: not raised by the catalog records of ads that first appear after it in
+    // the same batch.
+    let mut so_far = 0;
+    let want_times: BTreeMap<String, u64> = rows
+        .iter()
+        .map(|r| {
+            so_far = so_far.max(r.event_time_ms);
+            (r.click_id.to_string(), so_far)
+        })
+        .collect();
+    let wrong: Vec<(String, u64, Option<u64>)> = stored
+        .iter()
+        .map(|(time, payload)| {
+            let click = ClickEvent::decode(payload).expect("a click payload");
+            let want = want_times.get(&click.click_id).copied();
+            (click.click_id, *time, want)
+        })
+        .filter(|(_, time, want)| *want != Some(*time))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} clicks' record times are not their file order's running max, e.g. (click, stored, expected) {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(3)]
     );
 
     d.serve();
