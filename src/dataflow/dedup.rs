@@ -29,6 +29,7 @@ use hashbrown::{DefaultHashBuilder, HashTable};
 use prometheus_client::metrics::gauge::Gauge;
 use timely::dataflow::Stream;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 
@@ -384,12 +385,20 @@ impl<'s> FirstClicks<'s> {
                 let (mut billable, mut fraud) = (billable_out.activate(), fraud_out.activate());
                 let complete =
                     |t: &Time| !frontiers[0].less_equal(t) && !frontiers[1].less_equal(t);
+                // One set of capabilities, at the first time completed, for every time
+                // completed in this activation (see `Pending::drain_complete`).
+                let mut at: Option<Vec<Capability<Time>>> = None;
                 while let Some(next) = changes.earliest().into_iter().chain(flags.earliest()).min()
                     && complete(&next)
-                    && let Some(caps) = changes
-                        .capabilities_for(next)
-                        .or_else(|| flags.capabilities_for(next))
                 {
+                    if at.is_none() {
+                        at = changes
+                            .capabilities_for(next)
+                            .or_else(|| flags.capabilities_for(next));
+                    }
+                    let Some(caps) = at.as_deref() else {
+                        break;
+                    };
                     let mut billable = billable.session(&caps[0]);
                     let mut fraud = fraud.session(&caps[1]);
                     // New winners against the flags before this time.
