@@ -115,8 +115,8 @@ pub fn ip_bursts<'s>(
         by_group,
         held_back,
         move |mut updates, out| {
-            // Sorted only so that each group's changes are adjacent, by integers: ordering
-            // by `IpAddr` and impression too made this sort most of the rule's time.
+            // Sorted only so that each group's changes are adjacent; integers compare
+            // faster than `IpAddr`s, and the impression's order does not matter.
             updates.sort_unstable_by_key(|(((ip, second), _), _)| (*second, ip_bits(ip)));
             for same_second in updates.chunk_by(|a, b| a.0.0.1 == b.0.0.1) {
                 let second = same_second[0].0.0.1;
