@@ -29,12 +29,7 @@ fi
 
 exe="${CALLGRIND_EXE:-}"
 if [ -z "$exe" ]; then
-    exe=$(cargo bench --bench dataflow --no-run --message-format=json 2>/dev/null |
-        python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "dataflow" and m.get("executable"):
-        print(m["executable"])')
+    exe=$(bench/support/bench_exe.sh dataflow)
 fi
 # Once natively first: it makes the workload of this size and imports it into the
 # bench's cached log when they are missing, so that neither is in the counts.

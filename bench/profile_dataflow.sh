@@ -22,12 +22,7 @@ if ! command -v perf >/dev/null; then
     apt-get update -qq && apt-get install -y -qq linux-perf >/dev/null
 fi
 
-exe=$(cargo bench --bench dataflow --no-run --message-format=json 2>/dev/null |
-    python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "dataflow" and m.get("executable"):
-        print(m["executable"])')
+exe=$(bench/support/bench_exe.sh dataflow)
 echo "profiling $exe (workers $DATAFLOW_WORKERS, store $DATAFLOW_STORES, $freq Hz) into $dir"
 # The bench reads the workload relative to the package root, as cargo bench runs it.
 perf record -F "$freq" --call-graph dwarf,16384 -o "$dir/perf.data" -- "$exe" --bench |
