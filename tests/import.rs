@@ -123,14 +123,21 @@ fn write_csv(path: &Path, rows: &[Row], extra_lines: &[(usize, &str)]) {
     std::fs::write(path, text).expect("write csv");
 }
 
+/// Each row with the record time the import must give it: the latest event time of the
+/// rows up to its own, in file order.
+fn with_record_times(rows: &[Row]) -> impl Iterator<Item = (&Row, u64)> {
+    rows.iter().scan(0, |so_far, r| {
+        *so_far = (*so_far).max(r.event_time_ms);
+        Some((r, *so_far))
+    })
+}
+
 /// Per (ad, minute): (billable, late), by the rules of `src/dataflow/classify.rs` applied
-/// to the import's record times (the latest event time so far in file order).
+/// to the import's record times ([`with_record_times`]).
 fn oracle(rows: &[Row], lateness_ms: u64) -> BTreeMap<(u64, u64), (i64, i64)> {
-    let mut record_time = 0;
     // Per impression: (on time?, event time, click id as text, ad).
     let mut copies: BTreeMap<u64, Vec<(bool, u64, String, u64)>> = BTreeMap::new();
-    for r in rows {
-        record_time = record_time.max(r.event_time_ms);
+    for (r, record_time) in with_record_times(rows) {
         copies.entry(r.impression_id).or_default().push((
             record_time - r.event_time_ms <= lateness_ms,
             r.event_time_ms,
@@ -307,16 +314,10 @@ fn imported_history_is_counted_like_live_traffic() {
         Some(last_event),
         "record times are the file's event times, not the clock"
     );
-    // Each click's record time is the latest event time of the rows up to its own, in
-    // file order: not raised by the catalog records of ads that first appear after it in
-    // the same batch.
-    let mut so_far = 0;
-    let want_times: BTreeMap<String, u64> = rows
-        .iter()
-        .map(|r| {
-            so_far = so_far.max(r.event_time_ms);
-            (r.click_id.to_string(), so_far)
-        })
+    // Each click's record time is its file order's running max: not raised by the catalog
+    // records of ads that first appear after it in the same batch.
+    let want_times: BTreeMap<String, u64> = with_record_times(&rows)
+        .map(|(r, time)| (r.click_id.to_string(), time))
         .collect();
     let wrong: Vec<(String, u64, Option<u64>)> = stored
         .iter()
