@@ -411,5 +411,15 @@ mod tests {
             proptest::prop_assert_eq!(CompactId::of(&a) == CompactId::of(&b), a == b);
             proptest::prop_assert_eq!(CompactId::of(&a).cmp(&CompactId::of(&b)).is_eq(), a == b);
         }
+
+        /// A text is a decimal id exactly when it is the decimal form of a u64: the oracle
+        /// parses and prints it back.
+        #[test]
+        fn decimal_ids_are_the_u64s_printed(
+            text in "(0|[1-9][0-9]{0,20}|0[0-9]{0,3}|[+-]?[0-9]{1,4}|[0-9a-z ]{0,6}|18446744073709551[0-9]{3})",
+        ) {
+            let oracle = text.parse::<u64>().ok().filter(|n| n.to_string() == text);
+            proptest::prop_assert_eq!(decimal_id(&text), oracle);
+        }
     }
 }
