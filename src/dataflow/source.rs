@@ -862,18 +862,12 @@ mod tests {
         use std::rc::Rc;
 
         let dir = tempfile::tempdir().expect("tmp");
-        let log = Arc::new(
-            EmbeddedLog::open(
-                dir.path(),
-                EmbeddedLogOptions {
-                    click_partitions: 2,
-                    verdict_partitions: 1,
-                    watermark_interval: Some(Duration::from_millis(20)),
-                    append_timeout: Duration::from_secs(5),
-                },
-            )
-            .expect("log"),
-        );
+        let options = |watermark_interval| EmbeddedLogOptions {
+            click_partitions: 2,
+            verdict_partitions: 1,
+            watermark_interval,
+            append_timeout: Duration::from_secs(5),
+        };
         let (tick, horizon_ms, ttl_ms) = (Tick::new(Duration::from_millis(200)), 20_000, 5_000);
         // 30k clicks over 60 s of record time ending 30 s ago, then 40 verdicts: all but
         // the last ~10 s of them fall due before the clock.
@@ -921,7 +915,20 @@ mod tests {
             .enable_all()
             .build()
             .expect("runtime");
-        let appended = rt.block_on(log.append(records)).expect("append");
+        // Appended as a backfill, without the idle clock: a log that ticks every 20 ms
+        // would, on a machine slow enough to build these records in more than a tick,
+        // first move its watermark to the clock and raise every record's time to it.
+        let appended = {
+            let backfill = EmbeddedLog::open(dir.path(), options(None)).expect("log");
+            rt.block_on(backfill.append(records)).expect("append")
+        };
+        assert!(
+            appended.iter().all(|a| a.record_time_ms < t0 + 61_000),
+            "the records keep their own times"
+        );
+        let log = Arc::new(
+            EmbeddedLog::open(dir.path(), options(Some(Duration::from_millis(20)))).expect("log"),
+        );
         // The oracle reads the log as written, record by record.
         let mut reader = log
             .reader(vec![
