@@ -52,12 +52,5 @@ pub mod views;
 /// refilling the thread's cache. With eight regions per slab a worker ran 7% fewer
 /// instructions, and with 2 workers `bench/dataflow.rs` ran 6-7% faster, the purging
 /// thread's CPU halved (bench/README.md, session 32).
-///
-/// `thp:always` asks the kernel for transparent huge pages on jemalloc's arenas (it takes
-/// effect where THP is `madvise` or `always`). The dataflow's state grows to more than a GiB
-/// in a replay, and perf put 8% of the workers' samples in faulting its pages in 4 KiB at a
-/// time: with 2 MiB pages `bench/dataflow.rs` ran 3-10% faster. The price is memory: the
-/// soak's RSS levelled off at 259 MiB instead of 203, as steady (+-8.0%). Set
-/// `_RJEM_MALLOC_CONF=thp:default` to go without (bench/README.md, session 33).
-pub const JEMALLOC_CONF: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,\
-slab_sizes:4097-16384:16,thp:always\0";
+pub const JEMALLOC_CONF: &[u8] =
+    b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,slab_sizes:4097-16384:16\0";
